@@ -1,0 +1,362 @@
+"""Diffusion math shared by the two-pixel and the MNIST models, plus the small pieces every script needs.
+
+Index convention (as in openai/improved-diffusion): a step index t is int64 in [0, T-1],
+and index t means the paper's step t + 1. So `betas[0]` is beta_1, `alphas_cumprod[t]` is
+abar_{t+1}, and index 0 is the last denoising step (x_1 -> x_0). Trajectories are the
+exception, stored in paper order: `trajectory[k]` is x_k for k = 0..T, so
+`trajectory[T]` is the starting noise x_T and `trajectory[0]` the sample x_0.
+
+Nothing here holds weights: every function that needs a denoiser takes it as an
+argument `model(x_t, t, y) -> eps_pred`, which may be a network or the exact oracle of
+gmm.py. The code works for any data shape, (B, 1, 2) pixels pairs or (B, 1, 28, 28) digits.
+
+Labels y are int64 (B,); NULL_LABEL (-1) means "no label" (classifier-free guidance).
+"""
+import argparse
+import math
+import os
+import signal
+import sys
+
+import torch
+import torch.nn.functional as F
+
+NULL_LABEL = -1
+SCHEDULES = ("cosine", "linear")
+LOSSES = ("l2", "l1", "huber")
+
+
+# ----------------------------------------------------------------------------------
+# Noise schedules
+# ----------------------------------------------------------------------------------
+def cosine_betas(T, s=0.008, max_beta=0.999):
+    """Cosine schedule (Nichol & Dhariwal 2021, eq. 17): abar_t = f(t) / f(0) with
+    f(t) = cos^2(((t/T + s) / (1 + s)) pi/2), and beta_t = 1 - abar_t / abar_{t-1}
+    clipped to at most max_beta. Returns float64 (T,)."""
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    betas = [min(1 - f(t) / f(t - 1), max_beta) for t in range(1, T + 1)]
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+def linear_betas(T, beta_1=1e-4, beta_T=0.02):
+    """Linear schedule of Ho et al. 2020 (section 4): beta_t evenly spaced from 1e-4 to 0.02.
+
+    These end points were chosen for T = 1000; at small T the chain never reaches pure
+    noise (abar_T = 0.61 at T = 50), which is part of what the schedule comparison shows.
+    """
+    return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
+
+
+def extract(a, t, shape):
+    """Pick the per-step constants a[t] for a batch of indices t (B,) and shape them to
+    broadcast against a batch of data of the given shape: (B, 1, ..., 1)."""
+    out = a.to(t.device)[t].float()
+    return out.reshape(t.shape[0], *([1] * (len(shape) - 1)))
+
+
+class Diffusion:
+    """The fixed forward process q and the DDPM reverse process p for T steps.
+
+    Attributes, all float64 (T,), indexed by step index t (paper step t + 1):
+      betas, alphas = 1 - betas, alphas_cumprod (abar_t), alphas_cumprod_prev (abar_{t-1},
+      with abar_0 = 1), posterior_variance = beta_t (1 - abar_{t-1}) / (1 - abar_t)
+      (the fixed variance of q(x_{t-1} | x_t, x_0), Ho et al. 2020 eq. 7).
+    """
+
+    def __init__(self, T, schedule="cosine"):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if T < 1:
+            raise ValueError(f"T must be a positive number of steps, got {T}")
+        self.T = int(T)
+        self.schedule = schedule
+        self.betas = cosine_betas(T) if schedule == "cosine" else linear_betas(T)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        self.posterior_variance = self.betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
+
+    # -- forward process -------------------------------------------------------------
+    def q_sample(self, x_0, t, noise):
+        """Sample q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (Ho et al. 2020 eq. 4)."""
+        abar = extract(self.alphas_cumprod, t, x_0.shape)
+        return abar.sqrt() * x_0 + (1 - abar).sqrt() * noise
+
+    def training_loss(self, model, x_0, y, generator, p_uncond=0.1, loss_type="l2"):
+        """The simplified DDPM objective E_{t, x_0, eps} || eps - eps_theta(x_t, t, y) || (Ho et al.
+        2020 eq. 14), with each label replaced by NULL_LABEL with probability p_uncond so that
+        one network also learns the unconditional eps(x_t, t, none) (Ho & Salimans 2022, alg. 1).
+
+        x_0: (B, ...) clean data; y: (B,) int64 labels or None. Returns the scalar mean loss.
+        """
+        B, device = x_0.shape[0], x_0.device
+        t = torch.randint(0, self.T, (B,), generator=generator, device=device)
+        noise = torch.randn(x_0.shape, generator=generator, device=device)
+        if y is not None and p_uncond > 0:
+            drop = torch.rand(B, generator=generator, device=device) < p_uncond
+            y = torch.where(drop, torch.full_like(y, NULL_LABEL), y)
+        eps_pred = model(self.q_sample(x_0, t, noise), t, y)
+        return noise_loss(eps_pred, noise, loss_type)
+
+    # -- reverse process -------------------------------------------------------------
+    def p_sample(self, model, x_t, t, y=None, w=0.0, generator=None):
+        """One DDPM reverse step x_t -> x_{t-1} for a batch all at the same step index t (int).
+
+        1. eps_bar = guided_eps(...)                          (Ho & Salimans 2022 eq. 6)
+        2. mean = (x_t - beta_t / sqrt(1 - abar_t) eps_bar) / sqrt(alpha_t)   (Ho et al. eq. 11)
+        3. x_{t-1} = mean + sigma_t z, sigma_t^2 = posterior_variance_t, z ~ N(0, I),
+           with z = 0 at the last step (t = 0)                  (Ho et al. alg. 2)
+        """
+        tt = torch.full((x_t.shape[0],), t, dtype=torch.int64, device=x_t.device)
+        eps_bar = guided_eps(model, x_t, tt, y, w)
+        beta = extract(self.betas, tt, x_t.shape)
+        abar = extract(self.alphas_cumprod, tt, x_t.shape)
+        mean = (x_t - beta / (1 - abar).sqrt() * eps_bar) / (1 - beta).sqrt()
+        if t == 0:
+            return mean
+        z = torch.randn(x_t.shape, generator=generator, device=x_t.device)
+        return mean + extract(self.posterior_variance, tt, x_t.shape).sqrt() * z
+
+    def p_sample_loop_progressive(self, model, x_T, y=None, w=0.0, generator=None, progress=False):
+        """Run the reverse chain from x_T, yielding x_{T-1}, x_{T-2}, ..., x_0 in turn."""
+        x = x_T
+        steps = range(self.T - 1, -1, -1)
+        if progress:
+            from tqdm import tqdm
+            steps = tqdm(steps, desc="sampling", unit="step", leave=False)
+        for t in steps:
+            x = self.p_sample(model, x, t, y, w, generator)
+            yield x
+
+    @torch.no_grad()
+    def p_sample_loop(self, model, x_T, y=None, w=0.0, generator=None, progress=False):
+        """Sample x_0 ~ p_theta by running every reverse step from the starting noise x_T."""
+        for x in self.p_sample_loop_progressive(model, x_T, y, w, generator, progress):
+            pass
+        return x
+
+    @torch.no_grad()
+    def sample_trajectory(self, model, x_T, y=None, w=0.0, generator=None, progress=False):
+        """The whole chain in paper order: (T + 1, *x_T.shape), where [k] is x_k and [T] is x_T."""
+        xs = [x_T] + list(self.p_sample_loop_progressive(model, x_T, y, w, generator, progress))
+        return torch.stack(xs[::-1])
+
+
+def guided_eps(model, x_t, t, y, w):
+    """Classifier-free guidance eps_bar = (1 + w) eps(x_t, t, y) - w eps(x_t, t, none)
+    (Ho & Salimans 2022 eq. 6). w = 0 (or y = None) is the plain conditional (or
+    unconditional) prediction; w = -1 is the unconditional one. The conditional and
+    unconditional passes run as one batched call."""
+    if y is None or w == 0:
+        return model(x_t, t, y)
+    null = torch.full_like(y, NULL_LABEL)
+    eps = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))
+    eps_cond, eps_uncond = eps.chunk(2)
+    return (1 + w) * eps_cond - w * eps_uncond
+
+
+def noise_loss(eps_pred, noise, loss_type="l2"):
+    """Mean loss between predicted and true noise: 'l2' (squared error), 'l1' or 'huber'."""
+    if loss_type == "l2":
+        return F.mse_loss(eps_pred, noise)
+    if loss_type == "l1":
+        return F.l1_loss(eps_pred, noise)
+    if loss_type == "huber":
+        return F.smooth_l1_loss(eps_pred, noise)
+    raise ValueError(f"unknown loss {loss_type!r}; choose one of {', '.join(LOSSES)}")
+
+
+# ----------------------------------------------------------------------------------
+# Training helpers
+# ----------------------------------------------------------------------------------
+def make_ema(model, decay):
+    """An exponential moving average of the model's weights (used for sampling)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def cosine_lr(step, total, lr, warmup):
+    """Learning rate at a step: linear warm-up for `warmup` steps, then cosine decay to 0."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train_step(model, ema, optimizer, diffusion, x_0, y, generator, lr, p_uncond=0.1, loss_type="l2", clip=1.0):
+    """One optimisation step on a batch: loss, backward, gradient clipping, Adam, EMA. Returns the loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = diffusion.training_loss(model, x_0, y, generator, p_uncond, loss_type)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    ema.update_parameters(model)
+    return loss.item()
+
+
+# ----------------------------------------------------------------------------------
+# Randomness, devices, files
+# ----------------------------------------------------------------------------------
+def make_generator(seed, device="cpu"):
+    """An explicit random generator: every random draw in the project goes through one."""
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def pick_device(name):
+    """'auto' picks a GPU when one is present; 'cuda' without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+class StopOnInterrupt:
+    """Inside this block the first Ctrl-C only sets `requested`, so a training loop can finish
+    its current step and save a consistent state before it stops; a second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+
+
+class UserError(Exception):
+    """A problem with the user's input or files: the scripts print it as one line and exit 2."""
+
+
+def atomic_write(path, write):
+    """Write a file so that an interruption never leaves it half written: `write(tmp_path)`
+    fills a temporary file beside the target, which then replaces it in one step."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def ensure_writable_dir(path):
+    """Make sure the directory that will hold `path` exists and can be written, before any work."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create directory {folder}: {e.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"directory {folder} is not writable; choose another output path")
+
+
+def save_checkpoint(path, ckpt):
+    """Save a checkpoint dict (tensors and plain Python values only) atomically."""
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def load_checkpoint(path, kind, make_command):
+    """Load a checkpoint written by save_checkpoint with torch.load(weights_only=True) and check
+    that it holds a model of the expected kind. Problems raise UserError with one line."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} not found; create it with `{make_command}`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise UserError(f"checkpoint {path} cannot be read (truncated or corrupted?); "
+                        f"recreate it with `{make_command}`") from None
+    if not isinstance(ckpt, dict) or "kind" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this project")
+    if ckpt["kind"] != kind:
+        raise UserError(f"{path} holds a {ckpt['kind']!r} model, but a {kind!r} model is needed here")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------
+# Command lines
+# ----------------------------------------------------------------------------------
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error message (exit status 2) instead of usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def run_main(main):
+    """Run a script's main(); a UserError becomes a one-line message and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def guidance_strength(text):
+    """argparse type: a guidance strength w >= -1 (w = -1 is the unconditional model)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < -1:
+        raise argparse.ArgumentTypeError(f"w must be a number >= -1 (w = -1 is unconditional), got {text}")
+    return value
+
+
+def fraction(text):
+    """argparse type: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def add_common_flags(parser, seed_default=0):
+    """--seed and --device, which every script has."""
+    parser.add_argument("--seed", type=int, default=seed_default, help=f"random seed; the same seed repeats the run exactly (default {seed_default})")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to run: auto picks a CUDA GPU when one is present (default auto)")
+
+
+# ----------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------
+def energy_distance(x, y):
+    """Energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| (Szekely & Rizzo 2013) between two
+    samples (N, d) and (M, d), with the expectations taken over all pairs (a V-statistic,
+    so two samples of the same law give a small positive floor rather than exactly 0)."""
+    x, y = x.double(), y.double()
+    return (2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean()).item()
