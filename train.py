@@ -20,8 +20,8 @@ VAL_SIZE = 20_000
 VAL_SEED = 1234  # the validation set is the same for every run, so losses compare across runs
 
 
-def default_checkpoint(T):
-    return os.path.join("checkpoints", f"twopixel_T{T}.pt")
+def default_checkpoint(T, folder="checkpoints"):
+    return os.path.join(folder, f"twopixel_T{T}.pt")
 
 
 def parse_args(argv=None):
@@ -42,7 +42,8 @@ def parse_args(argv=None):
                    help="features of encoding blocks 1 and 2; C1 a multiple of 4, C2 of 32 (GroupNorm groups) (default 64 128)")
     g.add_argument("--fourier-scale", type=utils.positive_float, default=4.0, help="std of the Gaussian Fourier frequencies of the step embedding (default 4)")
     g = p.add_argument_group("files and run")
-    g.add_argument("--out", default=None, help="checkpoint path (only with a single --T); default checkpoints/twopixel_T{T}.pt")
+    g.add_argument("--checkpoint-dir", default="checkpoints", help="folder for the checkpoints twopixel_T{T}.pt (default checkpoints)")
+    g.add_argument("--out", default=None, help="checkpoint path instead of <checkpoint-dir>/twopixel_T{T}.pt (only with a single --T)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from its resume file (<out>.resume.pt)")
     g.add_argument("--log-every", type=utils.positive_int, default=100, help="steps between validation-loss records and resume-file saves (default 100)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -75,7 +76,7 @@ def validation_loss(model, val):
 
 
 def train_one(T, args, device):
-    out = args.out or default_checkpoint(T)
+    out = args.out or default_checkpoint(T, args.checkpoint_dir)
     resume_path = out + ".resume.pt"
     utils.ensure_writable_dir(out)
     gmm = TwoPixelGMM()

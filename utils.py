@@ -98,47 +98,69 @@ class Diffusion:
         eps_pred = model(self.q_sample(x_0, t, noise), t, y)
         return noise_loss(eps_pred, noise, loss_type)
 
+    def predict_x0(self, x_t, t, eps):
+        """The clean image implied by a noise prediction: x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+        (Ho et al. 2020 eq. 4 solved for x_0)."""
+        abar = extract(self.alphas_cumprod, t, x_t.shape)
+        return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+    def q_posterior_mean(self, x_0, x_t, t):
+        """Mean of q(x_{t-1} | x_t, x_0) (Ho et al. 2020 eq. 7):
+        sqrt(abar_{t-1}) beta_t / (1 - abar_t) x_0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t."""
+        abar, abar_prev = extract(self.alphas_cumprod, t, x_t.shape), extract(self.alphas_cumprod_prev, t, x_t.shape)
+        beta = extract(self.betas, t, x_t.shape)
+        return (abar_prev.sqrt() * beta * x_0 + (1 - beta).sqrt() * (1 - abar_prev) * x_t) / (1 - abar)
+
     # -- reverse process -------------------------------------------------------------
-    def p_sample(self, model, x_t, t, y=None, w=0.0, generator=None):
+    def p_sample(self, model, x_t, t, y=None, w=0.0, generator=None, clip_x0=None):
         """One DDPM reverse step x_t -> x_{t-1} for a batch all at the same step index t (int).
 
         1. eps_bar = guided_eps(...)                          (Ho & Salimans 2022 eq. 6)
-        2. mean = (x_t - beta_t / sqrt(1 - abar_t) eps_bar) / sqrt(alpha_t)   (Ho et al. eq. 11)
+        2. mean = (x_t - beta_t / sqrt(1 - abar_t) eps_bar) / sqrt(alpha_t)   (Ho et al. eq. 11);
+           with clip_x0 = (lo, hi), the implied x0_hat is clipped to the data range first and
+           the mean is the posterior mean q(x_{t-1} | x_t, x0_hat) (equal to eq. 11 unclipped)
         3. x_{t-1} = mean + sigma_t z, sigma_t^2 = posterior_variance_t, z ~ N(0, I),
            with z = 0 at the last step (t = 0)                  (Ho et al. alg. 2)
+        Returns (x_{t-1}, x0_hat), both shaped like x_t.
         """
         tt = torch.full((x_t.shape[0],), t, dtype=torch.int64, device=x_t.device)
         eps_bar = guided_eps(model, x_t, tt, y, w)
-        beta = extract(self.betas, tt, x_t.shape)
-        abar = extract(self.alphas_cumprod, tt, x_t.shape)
-        mean = (x_t - beta / (1 - abar).sqrt() * eps_bar) / (1 - beta).sqrt()
+        x0_hat = self.predict_x0(x_t, tt, eps_bar)
+        if clip_x0 is None:
+            beta = extract(self.betas, tt, x_t.shape)
+            abar = extract(self.alphas_cumprod, tt, x_t.shape)
+            mean = (x_t - beta / (1 - abar).sqrt() * eps_bar) / (1 - beta).sqrt()
+        else:
+            x0_hat = x0_hat.clamp(*clip_x0)
+            mean = self.q_posterior_mean(x0_hat, x_t, tt)
         if t == 0:
-            return mean
+            return mean, x0_hat
         z = torch.randn(x_t.shape, generator=generator, device=x_t.device)
-        return mean + extract(self.posterior_variance, tt, x_t.shape).sqrt() * z
+        return mean + extract(self.posterior_variance, tt, x_t.shape).sqrt() * z, x0_hat
 
-    def p_sample_loop_progressive(self, model, x_T, y=None, w=0.0, generator=None, progress=False):
-        """Run the reverse chain from x_T, yielding x_{T-1}, x_{T-2}, ..., x_0 in turn."""
+    def p_sample_loop_progressive(self, model, x_T, y=None, w=0.0, generator=None, progress=False, clip_x0=None):
+        """Run the reverse chain from x_T, yielding (x_{t-1}, x0_hat at step t) for t = T, ..., 1."""
         x = x_T
         steps = range(self.T - 1, -1, -1)
         if progress:
             from tqdm import tqdm
             steps = tqdm(steps, desc="sampling", unit="step", leave=False)
         for t in steps:
-            x = self.p_sample(model, x, t, y, w, generator)
-            yield x
+            x, x0_hat = self.p_sample(model, x, t, y, w, generator, clip_x0)
+            yield x, x0_hat
 
     @torch.no_grad()
-    def p_sample_loop(self, model, x_T, y=None, w=0.0, generator=None, progress=False):
+    def p_sample_loop(self, model, x_T, y=None, w=0.0, generator=None, progress=False, clip_x0=None):
         """Sample x_0 ~ p_theta by running every reverse step from the starting noise x_T."""
-        for x in self.p_sample_loop_progressive(model, x_T, y, w, generator, progress):
+        for x, _ in self.p_sample_loop_progressive(model, x_T, y, w, generator, progress, clip_x0):
             pass
         return x
 
     @torch.no_grad()
-    def sample_trajectory(self, model, x_T, y=None, w=0.0, generator=None, progress=False):
+    def sample_trajectory(self, model, x_T, y=None, w=0.0, generator=None, progress=False, clip_x0=None):
         """The whole chain in paper order: (T + 1, *x_T.shape), where [k] is x_k and [T] is x_T."""
-        xs = [x_T] + list(self.p_sample_loop_progressive(model, x_T, y, w, generator, progress))
+        steps = self.p_sample_loop_progressive(model, x_T, y, w, generator, progress, clip_x0)
+        xs = [x_T] + [x for x, _ in steps]
         return torch.stack(xs[::-1])
 
 
@@ -246,6 +268,35 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_npy(path, array):
+    """Save a numpy array atomically."""
+    import numpy as np
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+    atomic_write(path, write)
+
+
+def save_json(path, data):
+    """Save plain data as indented JSON atomically."""
+    import json
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+def save_figure(fig, path):
+    """Save a matplotlib figure atomically (format from the file name) and close it."""
+    import matplotlib.pyplot as plt
+    fmt = os.path.splitext(path)[1][1:] or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format=fmt))
+    plt.close(fig)
 
 
 def ensure_writable_dir(path):

@@ -1,21 +1,45 @@
 """Sample from the shipped two-pixel checkpoints and draw the figures.
 
+    python visualize.py --task all          # every figure below, from checkpoints/twopixel_T*.pt
+    python visualize.py --task trajectory   # figures/twopixel_trajectory.png (T = 50)
+    python visualize.py --task tsweep       # figures/twopixel_tsweep.png and _oracle.png (T = 5, 10, 25, 50)
+    python visualize.py --task guidance     # figures/twopixel_guidance.png
+    python visualize.py --task loss         # figures/twopixel_loss.png
+    python visualize.py --task report       # figures/report.pdf: README's results, one problem per page
     python visualize.py --task samples --T 50 --n 5000 --seed 0 --out samples.npy
+
+Each figure's numbers are saved beside it as JSON. Densities are 2-D histograms
+(smoothed by one bin) of the points, drawn with fixed axes and colour scales wherever
+panels are compared.
 """
 import os
+import time
 
 import numpy as np
 import torch
 
 import train
 import utils
+from gmm import TwoPixelGMM
 
-TASKS = ("samples",)
+TASKS = ("samples", "trajectory", "tsweep", "guidance", "loss", "report", "all")
+SWEEP_T = (5, 10, 25, 50)
+DATA_BOX = (-0.15, 1.25)  # the pixel-value window of every panel that shows x_0
+# Every two-pixel chain clips its predicted clean point x0_hat to this box, 7.5 standard
+# deviations beyond the outermost class mean, so it never touches real data. Without it, a
+# few guided chains that start in the far tails of x_T diverge (1 in 2000 at w = 1, 23 in
+# 2000 at w = 4, some to |x| > 100): guidance multiplies the network's error there.
+CLIP_X0 = (-0.5, 1.5)
 
 
 def parse_args(argv=None):
     p = utils.ArgumentParser(description=__doc__, formatter_class=utils.argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=TASKS, required=True, help="what to make: samples saves an (n, 2) float32 array of pixel values")
+    p.add_argument("--task", choices=TASKS, required=True,
+                   help="what to make: a figure (trajectory, tsweep, guidance, loss), report (PDF), all of them, "
+                        "or samples (an (n, 2) float32 array of pixel values)")
+    p.add_argument("--figures", default="figures", help="directory for figures and their JSON (default figures)")
+    p.add_argument("--checkpoint-dir", default="checkpoints", help="folder of the twopixel_T{T}.pt checkpoints (default checkpoints)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("sampling (--task samples)")
     g.add_argument("--T", type=utils.positive_int, default=50, help="diffusion steps of the model; picks checkpoints/twopixel_T{T}.pt (default 50)")
     g.add_argument("--checkpoint", default=None, help="another checkpoint to sample from; its T must match --T")
@@ -39,33 +63,330 @@ def draw_samples(model, diffusion, n, seed, label=None, w=0.0, device="cpu"):
     gen = utils.make_generator(seed, device)
     x_T = torch.randn(n, 1, 2, generator=gen, device=device)
     y = None if label is None else torch.full((n,), label, dtype=torch.int64, device=device)
-    x_0 = diffusion.p_sample_loop(model, x_T, y, w, gen)
+    x_0 = diffusion.p_sample_loop(model, x_T, y, w, gen, clip_x0=CLIP_X0)
     return x_0.reshape(n, 2).float().cpu()
-
-
-def save_npy(path, array):
-    """Save an array atomically (never a half-written file)."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-    utils.atomic_write(path, write)
 
 
 def task_samples(args, device):
     if not args.out.endswith(".npy"):
         raise utils.UserError(f"--out {args.out}: the samples file must end in .npy")
     utils.ensure_writable_dir(args.out)
-    path = args.checkpoint or train.default_checkpoint(args.T)
+    path = args.checkpoint or train.default_checkpoint(args.T, args.checkpoint_dir)
     model, diffusion, _ = train.load_model(path, args.T, device)
     x = draw_samples(model, diffusion, args.n, args.seed, args.label, args.w, device)
-    save_npy(args.out, x.numpy().astype(np.float32))
+    utils.save_npy(args.out, x.numpy().astype(np.float32))
     print(f"wrote {args.out}: {args.n} samples from {path}")
+
+
+# ----------------------------------------------------------------------------------
+# Shared drawing pieces
+# ----------------------------------------------------------------------------------
+def needed_checkpoints(tasks):
+    needs = {"trajectory": (50,), "tsweep": SWEEP_T, "guidance": (50,), "loss": SWEEP_T}
+    return sorted({T for task in tasks for T in needs.get(task, ())})
+
+
+def density(points, box, bins=80):
+    """A 2-D histogram density of points (N, 2) on a square box (lo, hi), smoothed by one bin:
+    (bins, bins) with rows = right pixel (for imshow with origin='lower')."""
+    from scipy.ndimage import gaussian_filter
+    lo, hi = box
+    h, _, _ = np.histogram2d(points[:, 0], points[:, 1], bins=bins, range=[[lo, hi], [lo, hi]], density=True)
+    return gaussian_filter(h.T, sigma=1.0)
+
+
+def true_density(gmm, box, alpha_bar=1.0, bins=80):
+    lo, hi = box
+    centres = lo + (np.arange(bins) + 0.5) * (hi - lo) / bins
+    return gmm.density_grid(centres, centres, alpha_bar)
+
+
+def show_density(ax, dens, box, vmax, cmap="viridis"):
+    ax.imshow(dens, origin="lower", extent=(*box, *box), cmap=cmap, vmin=0, vmax=vmax, aspect="equal")
+    ax.set_xlim(box)
+    ax.set_ylim(box)
+
+
+def label_axes(ax, left=True, bottom=True):
+    if bottom:
+        ax.set_xlabel("left pixel")
+    if left:
+        ax.set_ylabel("right pixel")
+
+
+def panel_box(diffusion, t):
+    """The window that holds x_t: around sqrt(abar_t) * data centre, 3.5 standard deviations wide.
+    At t = 0 it is DATA_BOX."""
+    if t == 0:
+        return DATA_BOX
+    abar = diffusion.alphas_cumprod[t - 1].item()
+    centre = abar ** 0.5 * 0.55
+    half = 3.5 * (abar * 0.2 ** 2 + 1 - abar) ** 0.5
+    return (round(centre - half, 2), round(centre + half, 2))
+
+
+def load_fig_model(args, T, device):
+    model, diffusion, _ = train.load_model(train.default_checkpoint(T, args.checkpoint_dir), T, device)
+    return model, diffusion
+
+
+def sample_quality(model, diffusion, seed, n=5000, device="cpu"):
+    """Energy distance to fresh ground truth for the learned model and the exact oracle run
+    with the same sampler, x_T and z, next to the floor between two ground-truth samples,
+    with class-1 shares and per-class statistics. Returns (stats dict, learned, oracle)."""
+    gmm = TwoPixelGMM()
+    oracle = gmm.oracle(diffusion.alphas_cumprod)
+    learned = draw_samples(model, diffusion, n, seed, device=device)
+    exact = draw_samples(oracle, diffusion, n, seed, device=device)
+    ref, _ = gmm.sample(n, utils.make_generator(10_000 + seed))
+    other, _ = gmm.sample(n, utils.make_generator(20_000 + seed))
+    stats = {"seed": seed, "n": n,
+             "energy_distance_learned": utils.energy_distance(learned, ref),
+             "energy_distance_oracle": utils.energy_distance(exact, ref),
+             "energy_distance_floor": utils.energy_distance(other, ref),
+             "class1_share_learned": (gmm.nearest_class(learned) == 1).float().mean().item(),
+             "class1_share_oracle": (gmm.nearest_class(exact) == 1).float().mean().item(),
+             "class1_share_truth": 0.65,
+             "per_class_learned": class_stats(gmm, learned), "per_class_oracle": class_stats(gmm, exact)}
+    stats["ratio_learned_to_oracle"] = stats["energy_distance_learned"] / stats["energy_distance_oracle"]
+    return stats, learned, exact
+
+
+def class_stats(gmm, x):
+    """Mean and per-pixel std of the points nearest each class mean (truth: means of the mixture, std 0.1)."""
+    near = gmm.nearest_class(x)
+    return [{"class": k, "mean": x[near == k].mean(0).tolist(), "std": x[near == k].std(0).tolist(),
+             "true_mean": gmm.means[k].tolist(), "true_std": gmm.std} for k in range(gmm.num_classes)]
+
+
+# ----------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------
+def task_trajectory(args, device, T=50, n=10_000, times=(50, 40, 30, 20, 10, 0)):
+    """Problem 2: p_theta(x_t) from n chains (top) against the exact q(x_t) (bottom), one chain drawn."""
+    import matplotlib.pyplot as plt
+    model, diffusion = load_fig_model(args, T, device)
+    gmm = TwoPixelGMM()
+    gen = utils.make_generator(args.seed)
+    x_T = torch.randn(n, 1, 2, generator=gen)
+    traj = diffusion.sample_trajectory(model, x_T, None, 0.0, gen, clip_x0=CLIP_X0).reshape(T + 1, n, 2).numpy()
+    path = traj[:, 0]  # the drawn chain: x_T ... x_0 of the first starting point
+    fig, axes = plt.subplots(2, len(times), figsize=(3.0 * len(times), 6.4))
+    numbers = {"T": T, "n_chains": n, "seed": args.seed, "panels": []}
+    for col, t in enumerate(times):
+        box = panel_box(diffusion, t)
+        learned = density(traj[t], box)
+        exact = true_density(gmm, box, 1.0 if t == 0 else diffusion.alphas_cumprod[t - 1].item())
+        vmax = max(learned.max(), exact.max())  # one colour scale per column (same t)
+        for row, dens in enumerate((learned, exact)):
+            ax = axes[row, col]
+            show_density(ax, dens, box, vmax)
+            ax.plot(path[t:, 0], path[t:, 1], "-", color="white", lw=1.0, alpha=0.9)
+            ax.plot(path[t, 0], path[t, 1], "o", color="red", ms=5)
+            label_axes(ax, left=col == 0, bottom=row == 1)
+        axes[0, col].set_title(f"learned p(x_t), t={t}" if t else "learned p(x_0) (samples)", fontsize=10)
+        axes[1, col].set_title(f"exact q(x_t), t={t}" if t else "ground truth q(x_0)", fontsize=10)
+        ref = gmm.sample(n, utils.make_generator(args.seed + 1))[0] if t == 0 else None
+        numbers["panels"].append({"t": t, "box": list(box), "mean_learned": traj[t].mean(0).tolist(),
+                                  "std_learned": traj[t].std(0).tolist(),
+                                  "energy_distance_to_ground_truth": None if ref is None else
+                                  utils.energy_distance(torch.from_numpy(traj[0][:5000]), ref[:5000])})
+    fig.suptitle(f"T={T}: density of {n} chains at step t (top) vs the exact noised marginal (bottom); "
+                 "each column has its own axes and one colour scale for both rows. White: one chain from x_T up "
+                 "to step t, red: its x_t", fontsize=10)
+    fig.tight_layout()
+    out = os.path.join(args.figures, "twopixel_trajectory.png")
+    utils.save_figure(fig, out)
+    utils.save_json(out.replace(".png", ".json"), numbers)
+
+
+def task_tsweep(args, device, n=5000):
+    """Problem 3: samples of the models for T = 5, 10, 25, 50, and the same sampler with the oracle."""
+    import matplotlib.pyplot as plt
+    gmm = TwoPixelGMM()
+    truth = true_density(gmm, DATA_BOX)
+    vmax = truth.max() * 1.3  # one colour scale for every density panel of both figures
+    rows = {}
+    for T in SWEEP_T:
+        model, diffusion = load_fig_model(args, T, device)
+        rows[T] = sample_quality(model, diffusion, args.seed, n, device)
+    for which in ("learned", "oracle"):
+        fig, axes = plt.subplots(len(SWEEP_T), 2, figsize=(7.2, 3.3 * len(SWEEP_T)))
+        for r, T in enumerate(SWEEP_T):
+            stats, learned, exact = rows[T]
+            x = (learned if which == "learned" else exact).numpy()
+            show_density(axes[r, 0], truth, DATA_BOX, vmax, cmap="Greys")
+            axes[r, 0].scatter(x[:, 0], x[:, 1], s=1, alpha=0.3, color="C1")
+            show_density(axes[r, 1], density(x, DATA_BOX), DATA_BOX, vmax)
+            ed = stats[f"energy_distance_{which}"]
+            share = stats[f"class1_share_{which}"]
+            axes[r, 0].set_title(f"T={T}: {n} samples over the true PDF", fontsize=9)
+            axes[r, 1].set_title(f"T={T}: sample PDF (ED {ed:.4f}, class 1 {share:.3f})", fontsize=9)
+            label_axes(axes[r, 0], bottom=r == len(SWEEP_T) - 1)
+            label_axes(axes[r, 1], left=False, bottom=r == len(SWEEP_T) - 1)
+        name = "the trained models" if which == "learned" else "the exact oracle eps* (same sampler, x_T and z)"
+        fig.suptitle(f"T-sweep, DDPM sampler driven by {name}\n"
+                     "fixed axes and colour scale in every panel; ED = energy distance to the ground truth "
+                     f"(floor {rows[50][0]['energy_distance_floor']:.5f}); class 1 share, truth 0.65", fontsize=9)
+        fig.tight_layout()
+        suffix = "" if which == "learned" else "_oracle"
+        utils.save_figure(fig, os.path.join(args.figures, f"twopixel_tsweep{suffix}.png"))
+    utils.save_json(os.path.join(args.figures, "twopixel_tsweep.json"),
+                    {"n": n, "seed": args.seed, "by_T": {str(T): rows[T][0] for T in SWEEP_T}})
+
+
+def task_guidance(args, device, T=50, ws=(0.0, 1.0, 4.0), n=2000, starts=6):
+    """Problem 4: from the same x_T and the same z, trajectories for y = 0, y = 1 and no label;
+    several starting points; and how the guidance strength w sharpens the classes."""
+    import matplotlib.pyplot as plt
+    model, diffusion = load_fig_model(args, T, device)
+    gmm = TwoPixelGMM()
+    truth_box = (-2.6, 2.6)
+    truth = true_density(gmm, DATA_BOX)
+    colours = {0: "C0", 1: "C3", None: "white"}
+
+    def chains(x_T, label, w=0.0):
+        y = None if label is None else torch.full((x_T.shape[0],), label)
+        # the same seed gives the same z at every step for every label
+        gen = utils.make_generator(args.seed + 7)
+        return diffusion.sample_trajectory(model, x_T, y, w, gen, clip_x0=CLIP_X0).reshape(T + 1, -1, 2).numpy()
+
+    x_T = torch.randn(starts, 1, 2, generator=utils.make_generator(args.seed))
+    runs = {label: chains(x_T, label) for label in (0, 1, None)}
+    fig, axes = plt.subplots(1, 2 + len(ws), figsize=(4.2 * (2 + len(ws)), 4.4))
+    ax = axes[0]
+    show_density(ax, true_density(gmm, truth_box, bins=160), truth_box, None, cmap="Greys")
+    for label, traj in runs.items():
+        ax.plot(traj[:, 0, 0], traj[:, 0, 1], "-o", ms=2, lw=1, color=colours[label] if label is not None else "k",
+                label=f"y={label}" if label is not None else "no label")
+    ax.plot(*traj[T, 0], "k*", ms=12, label="x_T (shared)")
+    ax.set_title(f"One x_T, same z, three labels (T={T}, w=0)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+    label_axes(ax)
+    ax = axes[1]
+    show_density(ax, truth, DATA_BOX, None, cmap="Greys")
+    for label in (0, 1):
+        for k in range(starts):
+            ax.plot(runs[label][:12, k, 0], runs[label][:12, k, 1], "-", lw=1, color=colours[label], alpha=0.8)
+            ax.plot(*runs[label][0, k], "o", ms=4, color=colours[label])
+    ax.set_title(f"{starts} starting points, last 12 steps: y=0 blue, y=1 red", fontsize=9)
+    label_axes(ax, left=False)
+    numbers = {"T": T, "seed": args.seed, "n_per_label": n, "one_start": {
+        str(label): {"x_T": runs[label][T, 0].tolist(), "x_0": runs[label][0, 0].tolist()} for label in runs}, "by_w": []}
+    for ax, w in zip(axes[2:], ws):
+        show_density(ax, truth, DATA_BOX, None, cmap="Greys")
+        entry = {"w": w}
+        for label in (0, 1):
+            x = draw_samples(model, diffusion, n, args.seed + label, label, w, device)
+            ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.3, color=colours[label])
+            near = gmm.nearest_class(x)
+            entry[f"label{label}"] = {"share_in_class": (near == label).float().mean().item(),
+                                      "mean": x.mean(0).tolist(), "std": x.std(0).tolist()}
+        numbers["by_w"].append(entry)
+        ax.set_title(f"w={w:g}: {n} samples each of y=0 and y=1; std y=0 "
+                     f"{np.mean(entry['label0']['std']):.3f}, y=1 {np.mean(entry['label1']['std']):.3f}", fontsize=8)
+        label_axes(ax, left=False)
+    fig.suptitle("Classifier-free guidance on two pixels, over the ground-truth PDF (true std 0.1 per pixel)", fontsize=10)
+    fig.tight_layout()
+    out = os.path.join(args.figures, "twopixel_guidance.png")
+    utils.save_figure(fig, out)
+    utils.save_json(out.replace(".png", ".json"), numbers)
+
+
+def task_loss(args, device):
+    """Training and validation loss against steps for each T, with the oracle's loss as the floor."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(SWEEP_T), figsize=(4 * len(SWEEP_T), 3.4))
+    numbers = {}
+    for ax, T in zip(axes, SWEEP_T):
+        _, _, ckpt = train.load_model(train.default_checkpoint(T, args.checkpoint_dir), T)
+        meta = ckpt["train"]
+        rec = meta["record"]
+        ax.plot(rec["step"], rec["loss"], label="training (batch mean)")
+        ax.plot(rec["step"], rec["val_loss"], label="validation (EMA weights)")
+        ax.axhline(meta["oracle_val_loss"], color="k", ls="--", lw=1, label="oracle eps* (floor)")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(f"T={T}: final val {meta['val_loss']:.4f}, floor {meta['oracle_val_loss']:.4f}", fontsize=9)
+        numbers[str(T)] = {k: meta[k] for k in ("val_loss", "oracle_val_loss", "final_loss", "steps", "seconds")}
+    axes[0].set_ylabel("L2 noise loss")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    out = os.path.join(args.figures, "twopixel_loss.png")
+    utils.save_figure(fig, out)
+    utils.save_json(out.replace(".png", ".json"), numbers)
+
+
+README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+
+
+def task_report(args, device, readme=README):
+    """figures/report.pdf: one page per problem, the README's text for it above its figures.
+
+    The README's Results section holds one '### Problem N' part per problem; each part's
+    images (markdown ![..](path)) are placed under its text."""
+    import re
+    import textwrap
+
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_pdf import PdfPages
+    if not os.path.exists(readme):
+        raise utils.UserError(f"{readme} not found; the report is built from the README's Results section")
+    text = open(readme, encoding="utf-8").read()
+    parts = re.split(r"^### ", text.split("## Results", 1)[-1].split("\n## ", 1)[0], flags=re.M)[1:]
+    image = lambda path: os.path.join(args.figures, os.path.basename(path))  # README's figures/X.png in --figures
+    missing = [image(p) for part in parts for p in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", part) if not os.path.exists(image(p))]
+    if missing:
+        raise utils.UserError(f"the report needs {missing[0]}; make it first (python visualize.py --task all)")
+    out = os.path.join(args.figures, "report.pdf")
+
+    def write(tmp):
+        with PdfPages(tmp) as pdf:
+            for part in parts:
+                title, body = part.split("\n", 1)
+                images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", body)
+                body = re.sub(r"!\[[^\]]*\]\([^)]+\)", "", body)
+                lines = []
+                for para in body.strip().split("\n\n"):
+                    lines += textwrap.wrap(" ".join(para.split()), 120) + [""]
+                fig = plt.figure(figsize=(8.27, 11.69))  # A4
+                fig.text(0.06, 0.97, title.strip(), fontsize=13, weight="bold", va="top")
+                fig.text(0.06, 0.94, "\n".join(lines), fontsize=7, va="top", family="serif")
+                text_h = 0.03 + 0.0125 * len(lines)
+                if images:
+                    h = (0.92 - text_h) / len(images)
+                    for k, path in enumerate(images):
+                        ax = fig.add_axes([0.04, 0.92 - text_h - (k + 1) * h, 0.92, h * 0.97])
+                        ax.imshow(mpimg.imread(image(path)))
+                        ax.axis("off")
+                pdf.savefig(fig)
+                plt.close(fig)
+    utils.atomic_write(out, write)
+    print(f"wrote {out} ({len(parts)} pages)")
+
+
+FIGURE_TASKS = {"trajectory": task_trajectory, "tsweep": task_tsweep, "guidance": task_guidance,
+                "loss": task_loss, "report": task_report}
 
 
 def main():
     args = parse_args()
     device = utils.pick_device(args.device)
-    {"samples": task_samples}[args.task](args, device)
+    if args.task == "samples":
+        return task_samples(args, device)
+    import matplotlib
+    matplotlib.use("Agg")
+    tasks = list(FIGURE_TASKS) if args.task == "all" else [args.task]
+    # fail before any work if a needed checkpoint is missing or the figures directory is unwritable
+    utils.ensure_writable_dir(os.path.join(args.figures, "x"))
+    for T in needed_checkpoints(tasks):
+        train.load_model(train.default_checkpoint(T, args.checkpoint_dir), T)
+    start = time.perf_counter()
+    from tqdm import tqdm
+    for task in tqdm(tasks, desc="figures", unit="figure", disable=args.quiet or len(tasks) == 1):
+        FIGURE_TASKS[task](args, device)
+    print(f"done in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

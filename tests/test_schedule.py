@@ -85,3 +85,17 @@ def test_losses():
     assert utils.noise_loss(a, b, "l2").item() == pytest.approx(2.0)
     assert utils.noise_loss(a, b, "l1").item() == pytest.approx(1.0)
     assert utils.noise_loss(a, b, "huber").item() == pytest.approx(0.75)  # (2 - 0.5) / 2
+
+
+def test_posterior_mean_of_predicted_x0_equals_the_eps_form_of_the_reverse_mean():
+    # Ho et al. eq. 11 (eps form) and eq. 7 (x_0 form) give the same mean when x0_hat is not clipped
+    d = utils.Diffusion(30)
+    gen = utils.make_generator(0)
+    x_t = torch.randn(64, 1, 2, generator=gen, dtype=torch.float64)
+    eps = torch.randn(64, 1, 2, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, 30, (64,), generator=gen)
+    beta = utils.extract(d.betas, t, x_t.shape).double()
+    abar = utils.extract(d.alphas_cumprod, t, x_t.shape).double()
+    eps_form = (x_t - beta / (1 - abar).sqrt() * eps) / (1 - beta).sqrt()
+    x0_form = d.q_posterior_mean(d.predict_x0(x_t, t, eps), x_t, t)
+    assert torch.allclose(eps_form, x0_form, atol=1e-5)

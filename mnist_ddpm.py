@@ -1,0 +1,682 @@
+"""Class-conditional DDPM on MNIST with classifier-free guidance, reusing the diffusion code of utils.py.
+
+Subcommands (each has its own --help):
+    train       train the UNet (checkpoint and resume file written after every epoch)
+    classifier  train the small MNIST classifier used by `evaluate`
+    sample      save samples of one digit as float32 (N, 28, 28) in [0, 1], ink = 1
+    grid        draw the 10 x 10 grid (one digit per row) and the same noise at several w
+    trajectory  draw one sample from noise to digit, and measure how the digit forms
+    evaluate    classifier accuracy, Frechet distance and diversity of the samples
+
+Images are scaled from [0, 1] to [-1, 1] for the diffusion (the usual choice for images:
+the data then sit at the scale of the unit-variance noise) and back for every output.
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import utils
+from ddpm import StepAndClassEmbedding
+
+KIND = "mnist"
+CLASSIFIER_KIND = "mnist-classifier"
+DEFAULT_DATA = os.path.join("data", "mnist.npz")
+DEFAULT_CKPT = os.path.join("checkpoints", "mnist_T200.pt")
+DEFAULT_CLASSIFIER = os.path.join("checkpoints", "mnist_classifier.pt")
+DEFAULT_W = 2.0
+TRAIN_COMMAND = "python mnist_ddpm.py train"
+CLASSIFIER_COMMAND = "python mnist_ddpm.py classifier"
+
+
+# ----------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------
+def load_mnist(path, split="train"):
+    """Images (N, 1, 28, 28) float32 in [0, 1] (ink = 1) and labels (N,) int64 from an npz with
+    the keys x_train, y_train, x_test, y_test (uint8). Problems raise a one-line UserError."""
+    if not os.path.exists(path):
+        raise utils.UserError(f"data file {path} not found; the repository ships data/mnist.npz")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            x, y = f[f"x_{split}"], f[f"y_{split}"]
+    except KeyError:
+        raise utils.UserError(f"{path} has no x_{split} / y_{split} arrays (expected the keys of mnist.npz)") from None
+    except Exception:
+        raise utils.UserError(f"{path} is not a readable .npz file") from None
+    if x.ndim != 3 or x.shape[1:] != (28, 28) or y.shape != (x.shape[0],) or x.dtype != np.uint8:
+        raise utils.UserError(f"{path}: expected uint8 images (N, 28, 28) and N labels, got {x.dtype} {x.shape} and {y.shape}")
+    if y.size and (y.min() < 0 or y.max() > 9):
+        raise utils.UserError(f"{path}: labels must be digits 0-9")
+    images = torch.from_numpy(x.astype(np.float32) / 255.0)[:, None]
+    return images, torch.from_numpy(y.astype(np.int64))
+
+
+def to_model(images):
+    """[0, 1] -> [-1, 1]."""
+    return images * 2 - 1
+
+
+def to_pixels(x):
+    """[-1, 1] -> [0, 1], clipped."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------
+# The UNet: four blocks on each path, each a residual layer and self-attention
+# ----------------------------------------------------------------------------------
+@dataclass
+class MnistUNetConfig:
+    T: int = 200
+    num_classes: int = 10
+    channels: tuple = (16, 32, 64, 64)  # features of the four blocks, at 28, 14, 7 and 7 pixels
+    embed_dim: int = 128
+    fourier_scale: float = 4.0
+    attn_window: int = 7  # attention inside non-overlapping windows of this size (the whole map if larger)
+    groups: int = 8  # GroupNorm groups
+
+
+class ResidualLayer(nn.Module):
+    """GroupNorm, SiLU, 3x3 conv; add the step-and-class embedding; GroupNorm, SiLU, 3x3 conv; plus the input."""
+
+    def __init__(self, c_in, c_out, embed_dim, groups):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(groups, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(embed_dim, c_out)
+        self.norm2, self.conv2 = nn.GroupNorm(groups, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Single-head self-attention over pixels, with a residual connection.
+
+    With window < map size, each non-overlapping window x window patch attends within
+    itself (as in Swin transformers): full attention over 28 x 28 = 784 pixels costs
+    784^2 weights per image and dominates a CPU step; 7 x 7 windows cost 16 times less.
+    """
+
+    def __init__(self, channels, groups, window):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        self.window = window
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        s = self.window if (H > self.window and H % self.window == 0 and W % self.window == 0) else None
+        qkv = self.qkv(self.norm(x))  # (B, 3C, H, W)
+        if s is None:  # (B, HW, 3C)
+            tokens = qkv.flatten(2).transpose(1, 2)
+        else:  # (B * nH * nW, s*s, 3C)
+            tokens = qkv.reshape(B, 3 * C, H // s, s, W // s, s).permute(0, 2, 4, 3, 5, 1).reshape(-1, s * s, 3 * C)
+        q, k, v = tokens.chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v)
+        if s is None:
+            out = out.transpose(1, 2).reshape(B, C, H, W)
+        else:
+            out = out.reshape(B, H // s, W // s, s, s, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
+        return x + self.proj(out)
+
+
+class Block(nn.Module):
+    """One UNet block: a residual layer (with the embedding injected), then self-attention."""
+
+    def __init__(self, c_in, c_out, cfg):
+        super().__init__()
+        self.res = ResidualLayer(c_in, c_out, cfg.embed_dim, cfg.groups)
+        self.attn = SelfAttention(c_out, cfg.groups, cfg.attn_window)
+
+    def forward(self, x, emb):
+        return self.attn(self.res(x, emb))
+
+
+class MnistUNet(nn.Module):
+    """x_t (B, 1, 28, 28), t (B,) step indices, y (B,) digits or NULL_LABEL -> eps_pred (B, 1, 28, 28).
+
+    Down path: blocks at 28, 14, 7, 7 pixels (2x average-pool after the first two).
+    Up path: four blocks, each fed the previous output concatenated with the matching
+    down-path output (skip connection), nearest-neighbour 2x upsampling before the last two.
+    """
+
+    def __init__(self, config: MnistUNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        c1, c2, c3, c4 = cfg.channels
+        self.embed = StepAndClassEmbedding(cfg.T, cfg.embed_dim, cfg.num_classes, cfg.fourier_scale)
+        self.conv_in = nn.Conv2d(1, c1, 3, padding=1)
+        self.down = nn.ModuleList([Block(c1, c1, cfg), Block(c1, c2, cfg), Block(c2, c3, cfg), Block(c3, c4, cfg)])
+        self.up = nn.ModuleList([Block(c4 + c4, c4, cfg), Block(c4 + c3, c3, cfg),
+                                 Block(c3 + c2, c2, cfg), Block(c2 + c1, c1, cfg)])
+        self.norm_out = nn.GroupNorm(cfg.groups, c1)
+        self.conv_out = nn.Conv2d(c1, 1, 3, padding=1)
+
+    def forward(self, x_t, t, y=None):
+        emb = self.embed(t, y)
+        h = self.conv_in(x_t)
+        skips = []
+        for i, block in enumerate(self.down):
+            h = block(h, emb)
+            skips.append(h)
+            if i < 2:
+                h = F.avg_pool2d(h, 2)
+        for i, block in enumerate(self.up):
+            skip = skips.pop()
+            if h.shape[-1] != skip.shape[-1]:
+                h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
+            h = block(torch.cat([h, skip], dim=1), emb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def build_unet(config_dict):
+    cfg = dict(config_dict)
+    cfg["channels"] = tuple(cfg["channels"])
+    return MnistUNet(MnistUNetConfig(**cfg))
+
+
+def config_dict(config):
+    d = asdict(config)
+    d["channels"] = list(d["channels"])
+    return d
+
+
+def load_unet(path, T=None, device="cpu"):
+    """(EMA UNet in eval mode, Diffusion, checkpoint dict) from an MNIST checkpoint; T must match if given."""
+    ckpt = utils.load_checkpoint(path, KIND, TRAIN_COMMAND)
+    if T is not None and ckpt["T"] != T:
+        raise utils.UserError(f"{path} was trained with T={ckpt['T']}, not --T {T}")
+    model = build_unet(ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), utils.Diffusion(ckpt["T"], ckpt["schedule"]), ckpt
+
+
+# ----------------------------------------------------------------------------------
+# train
+# ----------------------------------------------------------------------------------
+def cmd_train(args, device):
+    out, resume_path = args.out, args.out + ".resume.pt"
+    utils.ensure_writable_dir(out)
+    images, labels = load_mnist(args.data, "train")
+    if args.limit:
+        images, labels = images[:args.limit], labels[:args.limit]
+    x_all = to_model(images)
+    config = MnistUNetConfig(T=args.T, channels=tuple(args.channels))
+    diffusion = utils.Diffusion(args.T, "cosine")
+
+    torch.manual_seed(args.seed)  # initial weights and Fourier frequencies
+    model = MnistUNet(config).to(device)
+    ema = utils.make_ema(model, args.ema)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    gen = utils.make_generator(args.seed, device)
+    order_gen = utils.make_generator(args.seed + 1)  # order of the images in each epoch
+    steps_per_epoch = math.ceil(len(x_all) / args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+    run = {"seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+           "p_uncond": args.p_uncond, "ema_decay": args.ema, "images": len(x_all), "data": args.data}
+    epoch, seconds, history = 0, 0.0, {"epoch": [], "loss": [], "seconds": []}
+    if args.resume:
+        state = utils.load_checkpoint(resume_path, KIND + "-resume", f"{TRAIN_COMMAND} --out {out}")
+        if state["model_config"] != config_dict(config) or state["run"] != run:
+            raise utils.UserError(f"{resume_path} was made with other settings; rerun without --resume")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        order_gen.set_state(state["order_generator"])
+        epoch, seconds, history = state["epoch"], state["seconds"], state["history"]
+
+    start = time.perf_counter() - seconds
+    with utils.StopOnInterrupt() as interrupt:
+        while epoch < args.epochs and not interrupt.requested:
+            # 1. one pass over the shuffled training images, 2. a checkpoint after each epoch
+            order = torch.randperm(len(x_all), generator=order_gen)
+            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", disable=args.quiet)
+            losses, t_epoch = [], time.perf_counter()
+            for i in bar:
+                if interrupt.requested:
+                    break
+                idx = order[i * args.batch_size:(i + 1) * args.batch_size]
+                lr = utils.cosine_lr(epoch * steps_per_epoch + i, total_steps, args.lr, warmup=min(500, total_steps // 10 + 1))
+                losses.append(utils.train_step(model, ema, optimizer, diffusion, x_all[idx].to(device),
+                                               labels[idx].to(device), gen, lr, args.p_uncond))
+                if i % 10 == 0:
+                    bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}",
+                                    img_s=f"{len(losses) * args.batch_size / (time.perf_counter() - t_epoch):.0f}")
+            bar.close()
+            if interrupt.requested:
+                break
+            epoch += 1
+            seconds = time.perf_counter() - start
+            history["epoch"].append(epoch)
+            history["loss"].append(sum(losses) / len(losses))
+            history["seconds"].append(round(seconds, 1))
+            ckpt = {"kind": KIND, "T": args.T, "schedule": "cosine", "model_config": config_dict(config),
+                    "model": ema.module.state_dict(),
+                    "train": {**run, "epochs_done": epoch, "seconds": round(seconds, 1),
+                              "final_loss": history["loss"][-1], "history": history, "device": str(device)}}
+            utils.save_checkpoint(out, ckpt)
+            if epoch < args.epochs:
+                utils.save_checkpoint(resume_path, {
+                    "kind": KIND + "-resume", "model_config": config_dict(config), "run": run,
+                    "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                    "generator": gen.get_state(), "order_generator": order_gen.get_state(),
+                    "epoch": epoch, "seconds": seconds, "history": history})
+            print(f"epoch {epoch}: loss {history['loss'][-1]:.4f}, {seconds:.0f} s so far; wrote {out}", flush=True)
+    if epoch < args.epochs:
+        raise utils.UserError(f"interrupted during epoch {epoch + 1}; {epoch} epochs are saved; continue with "
+                              f"`{TRAIN_COMMAND} --out {out} --epochs {args.epochs} --resume` (and the same settings)")
+    if os.path.exists(resume_path):
+        os.remove(resume_path)
+
+
+# ----------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------
+CLIP = (-1.0, 1.0)  # predicted clean images are clipped to the data range at each step
+
+
+def draw(model, diffusion, labels, w, seed, device, progress=False):
+    """Samples for the given digits (n,) at guidance w: (n, 28, 28) float32 in [0, 1]. x_T and every z
+    come from one generator seeded with `seed`."""
+    gen = utils.make_generator(seed, device)
+    x_T = torch.randn(len(labels), 1, 28, 28, generator=gen, device=device)
+    x_0 = diffusion.p_sample_loop(model, x_T, labels.to(device), w, gen, progress, CLIP)
+    return to_pixels(x_0)[:, 0].cpu()
+
+
+def cmd_sample(args, device):
+    if not args.out.endswith(".npy"):
+        raise utils.UserError(f"--out {args.out}: the samples file must end in .npy")
+    utils.ensure_writable_dir(args.out)
+    model, diffusion, _ = load_unet(args.checkpoint, args.T, device)
+    x = draw(model, diffusion, torch.full((args.n,), args.label), args.w, args.seed, device, not args.quiet)
+    utils.save_npy(args.out, x.numpy().astype(np.float32))
+    print(f"wrote {args.out}: {args.n} samples of digit {args.label} at w={args.w:g}")
+
+
+def image_grid(ax, images, nrow):
+    """Show (n, 28, 28) images in [0, 1] on one axis as a grid with nrow rows, ink dark on white."""
+    n = images.shape[0]
+    ncol = math.ceil(n / nrow)
+    canvas = np.ones((nrow * 30, ncol * 30), dtype=np.float32)
+    for k in range(n):
+        r, c = divmod(k, ncol)
+        canvas[r * 30 + 1:r * 30 + 29, c * 30 + 1:c * 30 + 29] = 1 - images[k]
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return canvas
+
+
+def cmd_grid(args, device):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    utils.ensure_writable_dir(args.out)
+    model, diffusion, _ = load_unet(args.checkpoint, args.T, device)
+    t0 = time.perf_counter()
+    labels = torch.arange(10).repeat_interleave(10)
+    x = draw(model, diffusion, labels, args.w, args.seed, device, not args.quiet)
+    seconds = time.perf_counter() - t0
+    fig, ax = plt.subplots(figsize=(6, 6))
+    image_grid(ax, x.numpy(), 10)
+    ax.set_yticks([30 * k + 15 for k in range(10)], [str(k) for k in range(10)])
+    ax.set_ylabel("requested digit")
+    ax.set_title(f"MNIST samples, T={diffusion.T}, w={args.w:g}, 10 per digit (seed {args.seed})")
+    utils.save_figure(fig, args.out)
+
+    # the same starting noise and the same z at every w: two samples per digit for each w
+    labels = torch.arange(10).repeat_interleave(2)
+    fig, axes = plt.subplots(1, len(args.ws), figsize=(2 * len(args.ws), 6.4))
+    for ax, w in zip(np.atleast_1d(axes), args.ws):
+        image_grid(ax, draw(model, diffusion, labels, w, args.seed, device, not args.quiet).numpy(), 10)
+        ax.set_title(f"w = {w:g}")
+    fig.suptitle(f"Same x_T and z, several guidance strengths w (T={diffusion.T})")
+    base, ext = os.path.splitext(args.out)
+    utils.save_figure(fig, f"{base}_w{ext}")
+    print(f"wrote {args.out} (100 samples in {seconds:.1f} s) and {base}_w{ext}")
+
+
+SETTLE_TOL = 0.1  # a pixel has settled once the predicted clean image stays within 0.1 of its final value
+
+
+def formation(x0_hats, final):
+    """When does each pixel of the digit get decided?
+
+    x0_hats: (T, n, 28, 28) predicted clean images in [0, 1], [k] made at paper step k + 1;
+    final: (n, 28, 28) the samples. A pixel's settle step is the highest t from which the
+    prediction stays within SETTLE_TOL of the final value down to the end (0 if it never
+    settles before the last step). Returns (settle (n, 28, 28) int64, settled_share (T + 1,)
+    where [t] is the share of pixels already settled at step t).
+    """
+    T = x0_hats.shape[0]
+    close = (x0_hats - final[None]).abs() <= SETTLE_TOL  # (T, n, 28, 28)
+    # stays close from step k + 1 down to 1: a running "all" from the end of the chain
+    stays = torch.flip(torch.cummin(torch.flip(close.int(), [0]), dim=0).values, [0]).bool()
+    # settle step = number of consecutive True from index 0 upward
+    settle = torch.cumprod(stays.int(), dim=0).sum(0)
+    share = torch.stack([(settle >= t).float().mean() for t in range(T + 1)])
+    return settle, share
+
+
+def cmd_trajectory(args, device):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    utils.ensure_writable_dir(args.out)
+    model, diffusion, _ = load_unet(args.checkpoint, args.T, device)
+    T = diffusion.T
+    # n samples, digits 0-9 in turn, the shown one first; keep x_t and x0_hat at every step
+    labels = (torch.arange(args.n) + args.label) % 10
+    gen = utils.make_generator(args.seed, device)
+    x = torch.randn(args.n, 1, 28, 28, generator=gen, device=device)
+    xs, x0_hats = [to_pixels(x)[:, 0].cpu()], []
+    with torch.no_grad():
+        for x, x0_hat in diffusion.p_sample_loop_progressive(model, x, labels.to(device), args.w, gen, not args.quiet, CLIP):
+            xs.append(to_pixels(x)[:, 0].cpu())
+            x0_hats.append(to_pixels(x0_hat)[:, 0].cpu())
+    xs = torch.stack(xs[::-1])  # (T + 1, n, 28, 28), [t] = x_t
+    x0_hats = torch.stack(x0_hats[::-1])  # (T, n, 28, 28), [k] = prediction from x_{k+1}
+    final = xs[0]
+
+    # figure 1: one trajectory, x_t above and the predicted clean image below
+    frames = list(range(T, -1, -max(1, T // 8)))
+    if frames[-1] != 0:
+        frames.append(0)
+    fig, axes = plt.subplots(2, len(frames), figsize=(1.3 * len(frames), 3.0))
+    for col, t in enumerate(frames):
+        pred = x0_hats[t - 1, 0] if t > 0 else final[0]
+        for row, img in enumerate((xs[t, 0], pred)):
+            ax = axes[row, col]
+            ax.imshow(1 - img.numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0, col].set_title(f"t={t}", fontsize=9)
+    axes[0, 0].set_ylabel("x_t", fontsize=9)
+    axes[1, 0].set_ylabel("predicted x_0", fontsize=9)
+    fig.suptitle(f"Digit {args.label} from noise (T={T}, w={args.w:g}, seed {args.seed})", fontsize=10)
+    utils.save_figure(fig, args.out)
+
+    # figure 2: when pixels settle, over all n samples
+    settle, share = formation(x0_hats, final)
+    ink = final > 0.5
+    ink_settle = settle[ink].float()
+    per_sample_iqr = [float(np.subtract(*np.percentile(settle[k][ink[k]].numpy(), [75, 25]))) for k in range(args.n) if ink[k].any()]
+    share_ink = [(settle[ink] >= t).float().mean().item() for t in range(T + 1)]
+    share_bg = [(settle[~ink] >= t).float().mean().item() for t in range(T + 1)]
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 3.6))
+    a1.plot(range(T + 1), share_ink, label="ink pixels (final > 0.5)")
+    a1.plot(range(T + 1), share_bg, label="background pixels")
+    a1.invert_xaxis()
+    a1.set_xlabel("step t (denoising runs from t=T on the left to t=0)")
+    a1.set_ylabel("share settled")
+    a1.set_title(f"Share of pixels settled (|x0_hat - x_0| <= {SETTLE_TOL})", fontsize=9)
+    a1.legend(fontsize=8)
+    im = a2.imshow(settle[0].numpy(), cmap="viridis", vmin=0, vmax=T)
+    a2.set_title(f"Settle step of each pixel, sample 1 (digit {args.label})", fontsize=9)
+    a2.set_xticks([])
+    a2.set_yticks([])
+    fig.colorbar(im, ax=a2, fraction=0.046)
+    a3.hist(ink_settle.numpy(), bins=40, range=(0, T), color="C0")
+    a3.set_xlabel("settle step of ink pixels")
+    a3.set_title(f"Ink pixels of {args.n} samples", fontsize=9)
+    base, ext = os.path.splitext(args.out)
+    formation_png = base.replace("trajectory", "formation") if "trajectory" in base else base + "_formation"
+    utils.save_figure(fig, formation_png + ext)
+    q = np.percentile(ink_settle.numpy(), [10, 25, 50, 75, 90]).tolist()
+    stats = {"T": T, "w": args.w, "n": args.n, "seed": args.seed, "tolerance": SETTLE_TOL,
+             "ink_settle_step_percentiles_10_25_50_75_90": q,
+             "median_within_sample_iqr_of_ink_settle_steps": float(np.median(per_sample_iqr)),
+             "share_settled_ink": share_ink, "share_settled_background": share_bg, "share_settled_all": share.tolist()}
+    utils.save_json(formation_png + ".json", stats)
+    print(f"wrote {args.out}, {formation_png + ext} and {formation_png}.json; ink pixels settle at steps "
+          f"{q[1]:.0f}-{q[3]:.0f} (25-75%), median within-sample spread {stats['median_within_sample_iqr_of_ink_settle_steps']:.0f} steps")
+
+
+# ----------------------------------------------------------------------------------
+# The classifier and the evaluation
+# ----------------------------------------------------------------------------------
+class Classifier(nn.Module):
+    """A small CNN: two conv-conv-pool stages, a 128-d feature layer, then 10 logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, 10))
+
+    def features(self, images):
+        """images (B, 1, 28, 28) or (B, 28, 28) in [0, 1] -> (B, 128)."""
+        return self.body(images.reshape(-1, 1, 28, 28) - 0.5)
+
+    def forward(self, images):
+        return self.head(self.features(images))
+
+
+@torch.no_grad()
+def batched(fn, x, size=1000):
+    return torch.cat([fn(x[i:i + size]) for i in range(0, len(x), size)])
+
+
+def cmd_classifier(args, device):
+    utils.ensure_writable_dir(args.out)
+    images, labels = load_mnist(args.data, "train")
+    test_x, test_y = load_mnist(args.data, "test")
+    if args.limit:
+        images, labels = images[:args.limit], labels[:args.limit]
+    torch.manual_seed(args.seed)
+    clf = Classifier().to(device)
+    optimizer = torch.optim.Adam(clf.parameters(), lr=1e-3)
+    gen = utils.make_generator(args.seed)
+    batch, start = 128, time.perf_counter()
+    steps = args.epochs * math.ceil(len(images) / batch)
+    step = 0
+    for epoch in range(args.epochs):
+        clf.train()
+        order = torch.randperm(len(images), generator=gen)
+        bar = tqdm(range(0, len(images), batch), desc=f"classifier epoch {epoch + 1}/{args.epochs}", disable=args.quiet)
+        for i in bar:
+            idx = order[i:i + batch]
+            # small random shifts (up to 2 pixels) make the classifier robust to imperfect samples
+            dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
+            x = torch.roll(images[idx], shifts=(dx, dy), dims=(2, 3)).to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = utils.cosine_lr(step, steps, 1e-3, warmup=100)
+            loss = F.cross_entropy(clf(x), labels[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    clf.eval()
+    acc = (batched(clf, test_x.to(device)).argmax(1).cpu() == test_y).float().mean().item()
+    utils.save_checkpoint(args.out, {"kind": CLASSIFIER_KIND, "model": clf.state_dict(),
+                                     "train": {"seed": args.seed, "epochs": args.epochs, "images": len(images),
+                                               "test_accuracy": acc, "seconds": round(time.perf_counter() - start, 1)}})
+    print(f"wrote {args.out}: test accuracy {acc:.4f}")
+
+
+def load_classifier(path, device):
+    ckpt = utils.load_checkpoint(path, CLASSIFIER_KIND, CLASSIFIER_COMMAND)
+    clf = Classifier()
+    clf.load_state_dict(ckpt["model"])
+    return clf.to(device).eval(), ckpt
+
+
+def frechet_distance(a, b):
+    """Frechet distance between Gaussians fitted to two feature sets (n, d):
+    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) (Heusel et al. 2017)."""
+    from scipy import linalg
+    a, b = a.double().numpy(), b.double().numpy()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s_a @ s_b)
+    covmean = covmean.real if np.iscomplexobj(covmean) else covmean
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean))
+
+
+def mean_pairwise_distance(f):
+    """Mean Euclidean distance between distinct rows of f (n, d)."""
+    d = torch.cdist(f.double(), f.double())
+    n = f.shape[0]
+    return (d.sum() / (n * (n - 1))).item()
+
+
+def per_class(images, labels, n):
+    """The first n images of each digit, in digit order: (10 n, 28, 28) and labels."""
+    idx = torch.cat([torch.nonzero(labels == k)[:n, 0] for k in range(10)])
+    return images[idx], labels[idx]
+
+
+def cmd_evaluate(args, device):
+    utils.ensure_writable_dir(args.out)
+    model, diffusion, ckpt = load_unet(args.checkpoint, args.T, device)
+    clf, clf_ckpt = load_classifier(args.classifier, device)
+    feats = lambda x: batched(clf.features, x.to(device)).cpu()
+    test_x, test_y = per_class(*load_mnist(args.data, "test"), args.n)
+    train_x, _ = per_class(*load_mnist(args.data, "train"), args.n)
+    f_test, f_train = feats(test_x), feats(train_x)
+    real_div = [mean_pairwise_distance(f_test[test_y == k]) for k in range(10)]
+    result = {"checkpoint": args.checkpoint, "T": diffusion.T, "n_per_digit": args.n, "seed": args.seed,
+              "classifier_test_accuracy": clf_ckpt["train"]["test_accuracy"],
+              "frechet_floor_train_vs_test": frechet_distance(f_train, f_test),
+              "real_diversity_per_digit": real_div, "by_w": []}
+    labels = torch.arange(10).repeat_interleave(args.n)
+    for w in args.ws:
+        t0 = time.perf_counter()
+        x = draw(model, diffusion, labels, w, args.seed, device, not args.quiet)
+        seconds = time.perf_counter() - t0
+        f = feats(x)
+        pred = batched(clf.head, f.to(device)).argmax(1).cpu()
+        div = [mean_pairwise_distance(f[labels == k]) for k in range(10)]
+        entry = {"w": w, "sampling_seconds": round(seconds, 1),
+                 "accuracy": (pred == labels).float().mean().item(),
+                 "accuracy_per_digit": [(pred[labels == k] == k).float().mean().item() for k in range(10)],
+                 "frechet_distance": frechet_distance(f, f_test),
+                 "diversity_per_digit": div,
+                 "diversity_ratio": float(np.mean(div) / np.mean(real_div))}
+        result["by_w"].append(entry)
+        utils.save_json(args.out, result)  # after every w, so a long run keeps what it has
+        print(f"w={w:g}: accuracy {entry['accuracy']:.3f}, Frechet {entry['frechet_distance']:.2f} "
+              f"(floor {result['frechet_floor_train_vs_test']:.2f}), diversity {entry['diversity_ratio']:.2f} of real, "
+              f"{seconds:.0f} s", flush=True)
+    print(f"wrote {args.out}")
+
+
+# ----------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------
+def digit(text):
+    """argparse type: a digit 0-9."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise utils.argparse.ArgumentTypeError(f"expected a digit 0-9, got {text!r}") from None
+    if not 0 <= value <= 9:
+        raise utils.argparse.ArgumentTypeError(f"expected a digit 0-9, got {value}")
+    return value
+
+
+def parse_args(argv=None):
+    p = utils.ArgumentParser(description=__doc__, formatter_class=utils.argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=utils.ArgumentParser)
+
+    def common(q, checkpoint=True):
+        if checkpoint:
+            q.add_argument("--checkpoint", default=DEFAULT_CKPT, help=f"diffusion checkpoint (default {DEFAULT_CKPT})")
+            q.add_argument("--T", type=utils.positive_int, default=None, help="diffusion steps; if given, must match the checkpoint's T")
+        utils.add_common_flags(q)
+        q.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    q = sub.add_parser("train", help="train the diffusion UNet", description="Train the class-conditional UNet on MNIST; "
+                       "after every epoch the EMA checkpoint (--out) and a resume file (--out + .resume.pt) are written.")
+    q.add_argument("--T", type=utils.positive_int, default=200, help="diffusion steps (default 200)")
+    q.add_argument("--epochs", type=utils.positive_int, default=10, help="passes over the training images (default 10)")
+    q.add_argument("--batch-size", type=utils.positive_int, default=64, help="images per step (default 64)")
+    q.add_argument("--lr", type=utils.positive_float, default=1e-3, help="peak Adam learning rate, warm-up then cosine decay (default 1e-3)")
+    q.add_argument("--p-uncond", type=utils.fraction, default=0.1, help="probability of dropping the label, for classifier-free guidance (default 0.1)")
+    q.add_argument("--ema", type=utils.fraction, default=0.999, help="EMA decay of the weights used for sampling (default 0.999)")
+    q.add_argument("--channels", type=utils.positive_int, nargs=4, default=[16, 32, 64, 64], metavar="C",
+                   help="features of the four blocks, multiples of 8 (default 16 32 64 64)")
+    q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with x_train, y_train, x_test, y_test (default {DEFAULT_DATA})")
+    q.add_argument("--limit", type=utils.positive_int, default=None, help="train on the first N images only (for quick trials)")
+    q.add_argument("--out", default=DEFAULT_CKPT, help=f"checkpoint path (default {DEFAULT_CKPT})")
+    q.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt with the same settings")
+    common(q, checkpoint=False)
+
+    q = sub.add_parser("classifier", help="train the MNIST classifier used by evaluate",
+                       description="Train a small CNN classifier on the MNIST training split (for evaluate).")
+    q.add_argument("--epochs", type=utils.positive_int, default=6, help="passes over the training images (default 6)")
+    q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with the MNIST arrays (default {DEFAULT_DATA})")
+    q.add_argument("--limit", type=utils.positive_int, default=None, help="train on the first N images only (for quick trials)")
+    q.add_argument("--out", default=DEFAULT_CLASSIFIER, help=f"classifier path (default {DEFAULT_CLASSIFIER})")
+    common(q, checkpoint=False)
+
+    q = sub.add_parser("sample", help="save samples of one digit as a .npy array",
+                       description="Save float32 (N, 28, 28) samples in [0, 1] (ink = 1) of one digit.")
+    q.add_argument("--label", type=digit, required=True, help="the digit to draw, 0-9")
+    q.add_argument("--n", type=utils.positive_int, default=16, help="number of samples (default 16)")
+    q.add_argument("--w", type=utils.guidance_strength, default=DEFAULT_W,
+                   help=f"classifier-free guidance strength: 0 plain conditional, larger is more typical and less varied, -1 unconditional (default {DEFAULT_W})")
+    q.add_argument("--out", required=True, help="output .npy file")
+    common(q)
+
+    q = sub.add_parser("grid", help="draw the 10 x 10 grid and the guidance comparison",
+                       description="figures/mnist_grid.png: 10 samples of each digit, one digit per row, at --w; "
+                                   "figures/mnist_grid_w.png: the same starting noise at each of --ws.")
+    q.add_argument("--w", type=utils.guidance_strength, default=DEFAULT_W, help=f"guidance strength of the main grid (default {DEFAULT_W})")
+    q.add_argument("--ws", type=utils.guidance_strength, nargs="+", default=[0.0, 1.0, 3.0, 6.0], help="guidance strengths to compare (default 0 1 3 6)")
+    q.add_argument("--out", default=os.path.join("figures", "mnist_grid.png"), help="main grid file; the comparison goes beside it with _w added")
+    common(q)
+
+    q = sub.add_parser("trajectory", help="draw one sample from noise to digit and measure how digits form",
+                       description="figures/mnist_trajectory.png: x_t and the predicted clean image at t = T, ..., 0; "
+                                   "figures/mnist_formation.png and .json: when each pixel settles, over --n samples.")
+    q.add_argument("--label", type=digit, default=3, help="digit of the shown trajectory (default 3)")
+    q.add_argument("--w", type=utils.guidance_strength, default=DEFAULT_W, help=f"guidance strength (default {DEFAULT_W})")
+    q.add_argument("--n", type=utils.positive_int, default=100, help="samples for the formation statistics (default 100)")
+    q.add_argument("--out", default=os.path.join("figures", "mnist_trajectory.png"), help="trajectory figure; the formation figure and JSON go beside it")
+    common(q)
+
+    q = sub.add_parser("evaluate", help="accuracy, Frechet distance and diversity of the samples",
+                       description="For --n samples of each digit at each --ws: share classified as the requested digit, "
+                                   "Frechet distance to real test digits in the classifier's feature space (beside the "
+                                   "real-train vs real-test floor), and within-class diversity; saved as JSON.")
+    q.add_argument("--ws", type=utils.guidance_strength, nargs="+", default=[0.0, DEFAULT_W, 4.0], help=f"guidance strengths (default 0 {DEFAULT_W:g} 4)")
+    q.add_argument("--n", type=utils.positive_int, default=100, help="samples per digit (default 100)")
+    q.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help=f"classifier checkpoint (default {DEFAULT_CLASSIFIER})")
+    q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with the real digits (default {DEFAULT_DATA})")
+    q.add_argument("--out", default=os.path.join("figures", "mnist_eval.json"), help="where the results go")
+    common(q)
+    return p.parse_args(argv)
+
+
+def main():
+    args = parse_args()
+    device = utils.pick_device(args.device)
+    if not args.quiet:
+        print("settings:", vars(args), "device:", device, flush=True)
+    COMMANDS[args.command](args, device)
+
+
+COMMANDS = {"train": cmd_train, "classifier": cmd_classifier, "sample": cmd_sample, "grid": cmd_grid,
+            "trajectory": cmd_trajectory, "evaluate": cmd_evaluate}
+
+if __name__ == "__main__":
+    utils.run_main(main)

@@ -1,0 +1,193 @@
+"""The MNIST model and script on a tiny configuration: blocks, training, every subcommand, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import mnist_ddpm as M
+import utils
+
+TINY_MODEL = ["--T", "10", "--batch-size", "32", "--channels", "8", "8", "16", "16", "--quiet"]
+
+
+def run(root, *args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(root, "mnist_ddpm.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=root)
+
+
+@pytest.fixture(scope="module")
+def small_data(root, tmp_path_factory):
+    """A few hundred real digits in the layout of data/mnist.npz."""
+    with np.load(os.path.join(root, "data", "mnist.npz"), allow_pickle=False) as f:
+        arrays = {"x_train": f["x_train"][:320], "y_train": f["y_train"][:320],
+                  "x_test": f["x_test"][:200], "y_test": f["y_test"][:200]}
+    path = tmp_path_factory.mktemp("data") / "small.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(root, small_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mnist") / "tiny.pt"
+    r = run(root, "train", *TINY_MODEL, "--epochs", 3, "--data", small_data, "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_blocks_have_residual_layers_and_attention_with_the_right_shapes():
+    cfg = M.MnistUNetConfig(T=10, channels=(8, 8, 16, 16))
+    net = M.MnistUNet(cfg)
+    assert len(net.down) == 4 and len(net.up) == 4
+    for block in [*net.down, *net.up]:
+        assert isinstance(block.res, M.ResidualLayer) and isinstance(block.attn, M.SelfAttention)
+    x = torch.randn(3, 1, 28, 28)
+    t = torch.tensor([0, 4, 9])
+    assert net(x, t, torch.tensor([1, -1, 9])).shape == (3, 1, 28, 28)
+    assert net(x, t, None).shape == (3, 1, 28, 28)
+    emb = net.embed(t, None)
+    h = net.conv_in(x)
+    sizes = []
+    for i, block in enumerate(net.down):
+        h = block(h, emb)
+        sizes.append(tuple(h.shape[1:]))
+        if i < 2:
+            h = torch.nn.functional.avg_pool2d(h, 2)
+    assert sizes == [(8, 28, 28), (8, 14, 14), (16, 7, 7), (16, 7, 7)]
+
+
+def test_residual_layer_adds_its_input():
+    layer = M.ResidualLayer(8, 8, 16, 4)
+    torch.nn.init.zeros_(layer.conv2.weight)
+    torch.nn.init.zeros_(layer.conv2.bias)
+    x = torch.randn(2, 8, 7, 7)
+    assert torch.allclose(layer(x, torch.randn(2, 16)), x)
+
+
+def test_windowed_attention_is_full_attention_inside_each_window():
+    torch.manual_seed(0)
+    attn = M.SelfAttention(8, 4, window=7)
+    x = torch.randn(2, 8, 14, 14)
+    out = attn(x)
+    # the top-left 7 x 7 window on its own, through the same layer with a large window
+    full = M.SelfAttention(8, 4, window=100)
+    full.load_state_dict(attn.state_dict())
+    # GroupNorm statistics are over the whole map, so normalise first and compare attention only
+    qkv = attn.qkv(attn.norm(x))[:, :, :7, :7]
+    q, k, v = qkv.flatten(2).transpose(1, 2).chunk(3, dim=-1)
+    ref = torch.softmax(q @ k.transpose(1, 2) / 8 ** 0.5, dim=-1) @ v
+    ref = x[:, :, :7, :7] + attn.proj(ref.transpose(1, 2).reshape(2, 8, 7, 7))
+    assert torch.allclose(out[:, :, :7, :7], ref, atol=1e-5)
+    assert full(x).shape == x.shape
+
+
+def test_training_lowers_the_loss_and_records_metadata(tiny_ckpt):
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    assert ckpt["kind"] == "mnist" and ckpt["T"] == 10
+    hist = ckpt["train"]["history"]
+    assert hist["epoch"] == [1, 2, 3] and hist["loss"][-1] < hist["loss"][0]
+    for key in ("epochs_done", "seconds", "final_loss", "seed"):
+        assert key in ckpt["train"]
+
+
+def test_sample_writes_the_contracted_array_and_repeats(root, tiny_ckpt, tmp_path):
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    for out in (a, b):
+        r = run(root, "sample", "--checkpoint", tiny_ckpt, "--label", 7, "--n", 5, "--w", 1.5, "--seed", 2, "--out", out, "--quiet")
+        assert r.returncode == 0, r.stderr
+    x = np.load(a, allow_pickle=False)
+    assert x.shape == (5, 28, 28) and x.dtype == np.float32 and x.min() >= 0 and x.max() <= 1
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_grid_trajectory_classifier_and_evaluate_write_their_files(root, tiny_ckpt, small_data, tmp_path):
+    r = run(root, "grid", "--checkpoint", tiny_ckpt, "--ws", 0, 2, "--out", tmp_path / "mnist_grid.png", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "mnist_grid.png").exists() and (tmp_path / "mnist_grid_w.png").exists()
+    r = run(root, "trajectory", "--checkpoint", tiny_ckpt, "--n", 6, "--out", tmp_path / "mnist_trajectory.png", "--quiet")
+    assert r.returncode == 0, r.stderr
+    stats = json.loads((tmp_path / "mnist_formation.json").read_text())
+    assert len(stats["share_settled_all"]) == 11 and stats["share_settled_all"][0] == 1.0
+    assert (tmp_path / "mnist_formation.png").exists() and (tmp_path / "mnist_trajectory.png").exists()
+    clf = tmp_path / "clf.pt"
+    r = run(root, "classifier", "--epochs", 1, "--data", small_data, "--out", clf, "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = run(root, "evaluate", "--checkpoint", tiny_ckpt, "--classifier", clf, "--data", small_data, "--n", 4,
+            "--ws", 0, 1, "--out", tmp_path / "eval.json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert [e["w"] for e in ev["by_w"]] == [0.0, 1.0]
+    assert all(0 <= e["accuracy"] <= 1 and e["frechet_distance"] >= 0 for e in ev["by_w"])
+
+
+def test_formation_settle_steps_on_a_hand_made_chain():
+    # T = 4, one pixel: the prediction reaches the final value 1.0 at step 3 and stays
+    x0_hats = torch.tensor([1.0, 1.0, 0.95, 0.2]).reshape(4, 1, 1, 1).expand(4, 1, 28, 28)
+    settle, share = M.formation(x0_hats, torch.ones(1, 28, 28))
+    assert (settle == 3).all()
+    assert share.tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_frechet_distance_of_shifted_gaussians():
+    gen = utils.make_generator(0)
+    a = torch.randn(4000, 3, generator=gen)
+    b = torch.randn(4000, 3, generator=gen) + torch.tensor([2.0, 0.0, 0.0])
+    assert abs(M.frechet_distance(a, b) - 4.0) < 0.2  # |mu_a - mu_b|^2 with equal covariances
+    assert M.frechet_distance(a, a) < 1e-6
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["sample", "--label", "10", "--out", "x.npy"], "digit 0-9"),
+    (["sample", "--label", "3", "--n", "0", "--out", "x.npy"], "positive integer"),
+])
+def test_bad_flags(root, args, needle):
+    r = run(root, *args)
+    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bad_checkpoints_and_data(root, tiny_ckpt, small_data, tmp_path):
+    out = tmp_path / "x.npy"
+    truncated = tmp_path / "t.pt"
+    truncated.write_bytes(tiny_ckpt.read_bytes()[:1000])
+    two_pixel = os.path.join(root, "checkpoints", "twopixel_T50.pt")
+    bad_npz = tmp_path / "bad.npz"
+    np.savez(bad_npz, images=np.zeros((3, 28, 28), np.uint8))
+    not_npz = tmp_path / "junk.npz"
+    not_npz.write_bytes(b"junk")
+    cases = [
+        (["sample", "--label", 1, "--checkpoint", tmp_path / "missing.pt"], "python mnist_ddpm.py train"),
+        (["sample", "--label", 1, "--checkpoint", truncated], "cannot be read"),
+        (["sample", "--label", 1, "--checkpoint", two_pixel], "'twopixel' model"),
+        (["sample", "--label", 1, "--checkpoint", tiny_ckpt, "--T", 200], "trained with T=10"),
+    ]
+    for args, needle in cases:
+        r = run(root, *args, "--out", out)
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+        assert not out.exists()
+    for data, needle in ((bad_npz, "no x_train"), (not_npz, "not a readable"), (tmp_path / "none.npz", "not found")):
+        r = run(root, "train", *TINY_MODEL, "--data", data, "--out", tmp_path / "m.pt")
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "m.pt").exists()
+
+
+def test_ctrl_c_keeps_finished_epochs_and_resume_completes(root, small_data, tmp_path):
+    out = tmp_path / "m.pt"
+    args = [sys.executable, os.path.join(root, "mnist_ddpm.py"), "train", *TINY_MODEL, "--epochs", "200",
+            "--data", str(small_data), "--out", str(out)]
+    proc = subprocess.Popen(args, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not os.path.exists(str(out) + ".resume.pt") and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "--resume" in err and len(err.strip().splitlines()) == 1, err
+    done = torch.load(out, weights_only=True)["train"]["epochs_done"]
+    state = torch.load(str(out) + ".resume.pt", weights_only=True)
+    assert state["epoch"] == done >= 1
+    r = run(root, "train", *TINY_MODEL, "--epochs", 200, "--data", small_data, "--out", out, "--resume", "--limit", 320)
+    assert r.returncode == 2 and "other settings" in r.stderr  # a changed setting is refused, not mixed in
