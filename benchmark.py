@@ -27,14 +27,14 @@ import visualize
 from gmm import TwoPixelGMM
 
 
-def parse_args():
+def build_parser():
     p = utils.ArgumentParser(description=__doc__, formatter_class=utils.argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=utils.positive_int, default=3, help="sampling seeds averaged for the quality numbers (default 3)")
     p.add_argument("--skip-train", action="store_true", help="do not time two-pixel training")
     p.add_argument("--skip-mnist", action="store_true", help="do not time MNIST training and sampling")
     p.add_argument("--out", default=os.path.join("figures", "benchmark.json"), help="where the table goes (default figures/benchmark.json)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="device to measure (default cpu)")
-    return p.parse_args()
+    return p
 
 
 def time_training(T, device):
@@ -98,7 +98,7 @@ def mnist(device):
 
 
 def main():
-    args = parse_args()
+    args = build_parser().parse_args()
     device = utils.pick_device(args.device)
     utils.ensure_writable_dir(args.out)
     result = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__}

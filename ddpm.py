@@ -39,7 +39,7 @@ class GaussianFourierProjection(nn.Module):
 
 
 class StepAndClassEmbedding(nn.Module):
-    """emb(t, y) = Linear(Fourier(t / T)) + Linear(onehot(y)); a NULL_LABEL gives the zero one-hot.
+    """emb(t, y) = SiLU(Linear(Fourier((t + 1) / T)) + Linear(onehot(y))); a NULL_LABEL gives the zero one-hot.
 
     The step index t in [0, T-1] is mapped to the time s = (t + 1) / T in (0, 1], so the
     embedding scale means the same thing whatever T is.

@@ -199,9 +199,11 @@ def load_unet(path, T=None, device="cpu"):
     ckpt = utils.load_checkpoint(path, KIND, TRAIN_COMMAND)
     if T is not None and ckpt["T"] != T:
         raise utils.UserError(f"{path} was trained with T={ckpt['T']}, not --T {T}")
-    model = build_unet(ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), utils.Diffusion(ckpt["T"], ckpt["schedule"]), ckpt
+    with utils.checkpoint_format(path):
+        model = build_unet(ckpt["model_config"])
+        model.load_state_dict(ckpt["model"])
+        diffusion = utils.Diffusion(ckpt["T"], ckpt["schedule"])
+    return model.to(device).eval(), diffusion, ckpt
 
 
 # ----------------------------------------------------------------------------------
@@ -226,17 +228,13 @@ def cmd_train(args, device):
     steps_per_epoch = math.ceil(len(x_all) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     run = {"seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-           "p_uncond": args.p_uncond, "ema_decay": args.ema, "images": len(x_all), "data": args.data}
+           "p_uncond": args.p_uncond, "ema_decay": args.ema, "images": len(x_all), "data": args.data, "device": str(device)}
     epoch, seconds, history = 0, 0.0, {"epoch": [], "loss": [], "seconds": []}
     if args.resume:
         state = utils.load_checkpoint(resume_path, KIND + "-resume", f"{TRAIN_COMMAND} --out {out}")
         if state["model_config"] != config_dict(config) or state["run"] != run:
             raise utils.UserError(f"{resume_path} was made with other settings; rerun without --resume")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        order_gen.set_state(state["order_generator"])
+        utils.restore_training_state(state, model, ema, optimizer, noise=gen, order=order_gen)
         epoch, seconds, history = state["epoch"], state["seconds"], state["history"]
 
     start = time.perf_counter() - seconds
@@ -257,7 +255,7 @@ def cmd_train(args, device):
                     bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}",
                                     img_s=f"{len(losses) * args.batch_size / (time.perf_counter() - t_epoch):.0f}")
             bar.close()
-            if interrupt.requested:
+            if len(losses) < steps_per_epoch:  # interrupted inside the epoch: drop it
                 break
             epoch += 1
             seconds = time.perf_counter() - start
@@ -267,13 +265,12 @@ def cmd_train(args, device):
             ckpt = {"kind": KIND, "T": args.T, "schedule": "cosine", "model_config": config_dict(config),
                     "model": ema.module.state_dict(),
                     "train": {**run, "epochs_done": epoch, "seconds": round(seconds, 1),
-                              "final_loss": history["loss"][-1], "history": history, "device": str(device)}}
+                              "final_loss": history["loss"][-1], "history": history}}
             utils.save_checkpoint(out, ckpt)
             if epoch < args.epochs:
                 utils.save_checkpoint(resume_path, {
                     "kind": KIND + "-resume", "model_config": config_dict(config), "run": run,
-                    "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                    "generator": gen.get_state(), "order_generator": order_gen.get_state(),
+                    **utils.training_state(model, ema, optimizer, noise=gen, order=order_gen),
                     "epoch": epoch, "seconds": seconds, "history": history})
             print(f"epoch {epoch}: loss {history['loss'][-1]:.4f}, {seconds:.0f} s so far; wrote {out}", flush=True)
     if epoch < args.epochs:
@@ -289,12 +286,12 @@ def cmd_train(args, device):
 CLIP = (-1.0, 1.0)  # predicted clean images are clipped to the data range at each step
 
 
-def draw(model, diffusion, labels, w, seed, device, progress=False):
+def draw(model, diffusion, labels, w, seed, device, progress=False, sampler="ddpm", steps=None, eta=0.0):
     """Samples for the given digits (n,) at guidance w: (n, 28, 28) float32 in [0, 1]. x_T and every z
     come from one generator seeded with `seed`."""
     gen = utils.make_generator(seed, device)
     x_T = torch.randn(len(labels), 1, 28, 28, generator=gen, device=device)
-    x_0 = diffusion.p_sample_loop(model, x_T, labels.to(device), w, gen, progress, CLIP)
+    x_0 = utils.sample(diffusion, model, x_T, labels.to(device), w, gen, sampler, steps, eta, CLIP, progress)
     return to_pixels(x_0)[:, 0].cpu()
 
 
@@ -303,7 +300,10 @@ def cmd_sample(args, device):
         raise utils.UserError(f"--out {args.out}: the samples file must end in .npy")
     utils.ensure_writable_dir(args.out)
     model, diffusion, _ = load_unet(args.checkpoint, args.T, device)
-    x = draw(model, diffusion, torch.full((args.n,), args.label), args.w, args.seed, device, not args.quiet)
+    if args.steps is not None and args.steps > diffusion.T:
+        raise utils.UserError(f"--steps {args.steps} is more than the model's T={diffusion.T}")
+    x = draw(model, diffusion, torch.full((args.n,), args.label), args.w, args.seed, device, not args.quiet,
+             args.sampler, args.steps, args.eta)
     utils.save_npy(args.out, x.numpy().astype(np.float32))
     print(f"wrote {args.out}: {args.n} samples of digit {args.label} at w={args.w:g}")
 
@@ -365,10 +365,9 @@ def formation(x0_hats, final):
     """
     T = x0_hats.shape[0]
     close = (x0_hats - final[None]).abs() <= SETTLE_TOL  # (T, n, 28, 28)
-    # stays close from step k + 1 down to 1: a running "all" from the end of the chain
-    stays = torch.flip(torch.cummin(torch.flip(close.int(), [0]), dim=0).values, [0]).bool()
-    # settle step = number of consecutive True from index 0 upward
-    settle = torch.cumprod(stays.int(), dim=0).sum(0)
+    # stays[k]: close at every index 0..k, i.e. at paper steps k + 1 down to 1 (the end of the chain)
+    stays = torch.cummin(close.int(), dim=0).values.bool()
+    settle = stays.sum(0)  # the highest step from which the prediction stays close
     share = torch.stack([(settle >= t).float().mean() for t in range(T + 1)])
     return settle, share
 
@@ -434,16 +433,17 @@ def cmd_trajectory(args, device):
     a3.hist(ink_settle.numpy(), bins=40, range=(0, T), color="C0")
     a3.set_xlabel("settle step of ink pixels")
     a3.set_title(f"Ink pixels of {args.n} samples", fontsize=9)
-    base, ext = os.path.splitext(args.out)
-    formation_png = base.replace("trajectory", "formation") if "trajectory" in base else base + "_formation"
-    utils.save_figure(fig, formation_png + ext)
+    folder, name = os.path.split(os.path.splitext(args.out)[0])
+    ext = os.path.splitext(args.out)[1]
+    formation_base = os.path.join(folder, name.replace("trajectory", "formation") if "trajectory" in name else name + "_formation")
+    utils.save_figure(fig, formation_base + ext)
     q = np.percentile(ink_settle.numpy(), [10, 25, 50, 75, 90]).tolist()
     stats = {"T": T, "w": args.w, "n": args.n, "seed": args.seed, "tolerance": SETTLE_TOL,
              "ink_settle_step_percentiles_10_25_50_75_90": q,
              "median_within_sample_iqr_of_ink_settle_steps": float(np.median(per_sample_iqr)),
              "share_settled_ink": share_ink, "share_settled_background": share_bg, "share_settled_all": share.tolist()}
-    utils.save_json(formation_png + ".json", stats)
-    print(f"wrote {args.out}, {formation_png + ext} and {formation_png}.json; ink pixels settle at steps "
+    utils.save_json(formation_base + ".json", stats)
+    print(f"wrote {args.out}, {formation_base + ext} and {formation_base}.json; ink pixels settle at steps "
           f"{q[1]:.0f}-{q[3]:.0f} (25-75%), median within-sample spread {stats['median_within_sample_iqr_of_ink_settle_steps']:.0f} steps")
 
 
@@ -515,7 +515,8 @@ def cmd_classifier(args, device):
 def load_classifier(path, device):
     ckpt = utils.load_checkpoint(path, CLASSIFIER_KIND, CLASSIFIER_COMMAND)
     clf = Classifier()
-    clf.load_state_dict(ckpt["model"])
+    with utils.checkpoint_format(path):
+        clf.load_state_dict(ckpt["model"])
     return clf.to(device).eval(), ckpt
 
 
@@ -527,6 +528,9 @@ def frechet_distance(a, b):
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     covmean = linalg.sqrtm(s_a @ s_b)
+    if not np.isfinite(covmean).all():  # near-singular covariances (few samples): regularise slightly
+        offset = np.eye(len(s_a)) * 1e-6
+        covmean = linalg.sqrtm((s_a + offset) @ (s_b + offset))
     covmean = covmean.real if np.iscomplexobj(covmean) else covmean
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean))
 
@@ -582,18 +586,10 @@ def cmd_evaluate(args, device):
 # ----------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------
-def digit(text):
-    """argparse type: a digit 0-9."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise utils.argparse.ArgumentTypeError(f"expected a digit 0-9, got {text!r}") from None
-    if not 0 <= value <= 9:
-        raise utils.argparse.ArgumentTypeError(f"expected a digit 0-9, got {value}")
-    return value
+digit = utils.number_type(int, lambda v: 0 <= v <= 9, "a digit 0-9")
 
 
-def parse_args(argv=None):
+def build_parser():
     p = utils.ArgumentParser(description=__doc__, formatter_class=utils.argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=utils.ArgumentParser)
 
@@ -635,6 +631,7 @@ def parse_args(argv=None):
     q.add_argument("--w", type=utils.guidance_strength, default=DEFAULT_W,
                    help=f"classifier-free guidance strength: 0 plain conditional, larger is more typical and less varied, -1 unconditional (default {DEFAULT_W})")
     q.add_argument("--out", required=True, help="output .npy file")
+    utils.add_sampler_flags(q)
     common(q)
 
     q = sub.add_parser("grid", help="draw the 10 x 10 grid and the guidance comparison",
@@ -664,7 +661,21 @@ def parse_args(argv=None):
     q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with the real digits (default {DEFAULT_DATA})")
     q.add_argument("--out", default=os.path.join("figures", "mnist_eval.json"), help="where the results go")
     common(q)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.command == "train" and any(c % 8 for c in args.channels):
+        p.error(f"--channels {' '.join(map(str, args.channels))}: each must be a multiple of 8 (GroupNorm groups)")
+    if args.command == "evaluate" and args.n < 2:
+        p.error("--n must be at least 2 (diversity compares pairs of samples)")
+    if args.command in ("grid", "trajectory") and os.path.splitext(args.out)[1] not in (".png", ".pdf", ".svg"):
+        p.error(f"--out {args.out}: the figure must end in .png, .pdf or .svg")
+    if getattr(args, "eta", 0) and args.sampler != "ddim":
+        p.error("--eta applies to --sampler ddim only")
+    return args
 
 
 def main():

@@ -24,7 +24,7 @@ def default_checkpoint(T, folder="checkpoints"):
     return os.path.join(folder, f"twopixel_T{T}.pt")
 
 
-def parse_args(argv=None):
+def build_parser():
     p = utils.ArgumentParser(description=__doc__, formatter_class=utils.argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("diffusion")
     g.add_argument("--T", type=utils.positive_int, nargs="+", default=[50],
@@ -48,6 +48,11 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=utils.positive_int, default=100, help="steps between validation-loss records and resume-file saves (default 100)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     utils.add_common_flags(p)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.out is not None and len(args.T) > 1:
         p.error("--out names one file, so it needs a single --T")
@@ -90,28 +95,25 @@ def train_one(T, args, device):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     data_gen = utils.make_generator(args.seed)  # ground-truth draws, on the CPU
     gen = utils.make_generator(args.seed + 1, device)  # steps, noise and label dropout, on the device
+    run = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+           "loss": args.loss, "p_uncond": args.p_uncond, "ema_decay": args.ema, "device": str(device),
+           "schedule": args.schedule, "T": T}
     record = {"step": [], "loss": [], "val_loss": []}
     step, seconds, losses = 0, 0.0, []
     if args.resume:
         state = utils.load_checkpoint(resume_path, KIND + "-resume", f"python train.py --T {T} --out {out}")
-        if state["run"]["steps"] != args.steps or state["model_config"] != ddpm.config_to_dict(config):
-            raise utils.UserError(f"{resume_path} was made with other settings (steps or model); rerun without --resume")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        data_gen.set_state(state["data_generator"])
-        gen.set_state(state["generator"])
+        if state["run"] != run or state["model_config"] != ddpm.config_to_dict(config):
+            raise utils.UserError(f"{resume_path} was made with other settings; resume with the same flags or rerun without --resume")
+        utils.restore_training_state(state, model, ema, optimizer, data=data_gen, noise=gen)
         step, seconds, record, losses = state["step"], state["seconds"], state["record"], state["losses"]
 
     val, floor = validation_set(diffusion, gmm)
     val = tuple(v.to(device) for v in val)
-    run = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-           "loss": args.loss, "p_uncond": args.p_uncond, "ema_decay": args.ema, "device": str(device)}
 
     def snapshot():
         return {"kind": KIND + "-resume", "model_config": ddpm.config_to_dict(config), "run": run,
-                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "data_generator": data_gen.get_state(), "generator": gen.get_state(), "step": step, "seconds": seconds, "record": record, "losses": losses}
+                **utils.training_state(model, ema, optimizer, data=data_gen, noise=gen),
+                "step": step, "seconds": seconds, "record": record, "losses": losses}
 
     bar = tqdm(total=args.steps, initial=step, desc=f"T={T}", unit="step", disable=args.quiet)
     start = time.perf_counter() - seconds
@@ -162,14 +164,15 @@ def load_model(path, T=None, device="cpu"):
 
     T, when given, must match the checkpoint's T.
     """
-    make = f"python train.py --T {T if T is not None else 50}"
+    make = f"python train.py --T {T or 50}" + ("" if path == default_checkpoint(T or 50) else f" --out {path}")
     ckpt = utils.load_checkpoint(path, KIND, make)
     if T is not None and ckpt["T"] != T:
         raise utils.UserError(f"{path} was trained with T={ckpt['T']}, not --T {T}; "
                               f"pass --T {ckpt['T']} or another checkpoint")
-    diffusion = utils.Diffusion(ckpt["T"], ckpt["schedule"])
-    model = ddpm.build_model(ckpt["model_config"], diffusion.alphas_cumprod)
-    model.load_state_dict(ckpt["model"])
+    with utils.checkpoint_format(path):
+        diffusion = utils.Diffusion(ckpt["T"], ckpt["schedule"])
+        model = ddpm.build_model(ckpt["model_config"], diffusion.alphas_cumprod)
+        model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), diffusion, ckpt
 
 

@@ -13,6 +13,7 @@ gmm.py. The code works for any data shape, (B, 1, 2) pixels pairs or (B, 1, 28, 
 Labels y are int64 (B,); NULL_LABEL (-1) means "no label" (classifier-free guidance).
 """
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -63,14 +64,16 @@ class Diffusion:
       (the fixed variance of q(x_{t-1} | x_t, x_0), Ho et al. 2020 eq. 7).
     """
 
-    def __init__(self, T, schedule="cosine"):
+    def __init__(self, T, schedule="cosine", betas=None):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if T < 1:
             raise ValueError(f"T must be a positive number of steps, got {T}")
         self.T = int(T)
         self.schedule = schedule
-        self.betas = cosine_betas(T) if schedule == "cosine" else linear_betas(T)
+        if betas is None:
+            betas = cosine_betas(T) if schedule == "cosine" else linear_betas(T)
+        self.betas = betas
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
@@ -104,12 +107,34 @@ class Diffusion:
         abar = extract(self.alphas_cumprod, t, x_t.shape)
         return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
 
+    def predict_eps(self, x_t, t, x_0):
+        """The noise implied by a clean prediction: eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
+        abar = extract(self.alphas_cumprod, t, x_t.shape)
+        return (x_t - abar.sqrt() * x_0) / (1 - abar).sqrt()
+
     def q_posterior_mean(self, x_0, x_t, t):
         """Mean of q(x_{t-1} | x_t, x_0) (Ho et al. 2020 eq. 7):
         sqrt(abar_{t-1}) beta_t / (1 - abar_t) x_0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t."""
         abar, abar_prev = extract(self.alphas_cumprod, t, x_t.shape), extract(self.alphas_cumprod_prev, t, x_t.shape)
         beta = extract(self.betas, t, x_t.shape)
         return (abar_prev.sqrt() * beta * x_0 + (1 - beta).sqrt() * (1 - abar_prev) * x_t) / (1 - abar)
+
+    def respaced(self, K):
+        """The same process seen at K evenly spaced steps (Nichol & Dhariwal 2021, section 4):
+        keep steps tau_1 < ... < tau_K (always the first and the last) and set
+        beta'_i = 1 - abar_{tau_i} / abar_{tau_{i-1}}, so that abar is unchanged at every kept step.
+
+        Returns (diffusion with K steps, kept: int64 (K,) original step index of each new one).
+        Sampling it with DDPM is strided DDPM; K = T gives back this process.
+        """
+        if not 1 <= K <= self.T:
+            raise ValueError(f"the number of sampling steps must be between 1 and T={self.T}, got {K}")
+        kept = torch.linspace(self.T - 1, 0, K).round().long().flip(0)
+        if K == self.T:
+            return self, kept
+        abar = self.alphas_cumprod[kept]
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        return Diffusion(K, self.schedule, betas=1 - abar / abar_prev), kept
 
     # -- reverse process -------------------------------------------------------------
     def p_sample(self, model, x_t, t, y=None, w=0.0, generator=None, clip_x0=None):
@@ -162,6 +187,57 @@ class Diffusion:
         steps = self.p_sample_loop_progressive(model, x_T, y, w, generator, progress, clip_x0)
         xs = [x_T] + [x for x, _ in steps]
         return torch.stack(xs[::-1])
+
+
+def ddim_step(diffusion, model, x_t, t, y=None, w=0.0, eta=0.0, generator=None, clip_x0=None):
+    """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12) at step index t (int):
+
+    x_{t-1} = sqrt(abar_{t-1}) x0_hat + sqrt(1 - abar_{t-1} - sigma_t^2) eps + sigma_t z,
+    sigma_t = eta sqrt((1 - abar_{t-1}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t-1}).
+    eta = 0 is deterministic; eta = 1 is the DDPM step. Returns (x_{t-1}, x0_hat).
+    """
+    tt = torch.full((x_t.shape[0],), t, dtype=torch.int64, device=x_t.device)
+    eps = guided_eps(model, x_t, tt, y, w)
+    x0_hat = diffusion.predict_x0(x_t, tt, eps)
+    if clip_x0 is not None:
+        x0_hat = x0_hat.clamp(*clip_x0)
+        eps = diffusion.predict_eps(x_t, tt, x0_hat)
+    abar = extract(diffusion.alphas_cumprod, tt, x_t.shape)
+    abar_prev = extract(diffusion.alphas_cumprod_prev, tt, x_t.shape)
+    sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
+    x_prev = abar_prev.sqrt() * x0_hat + (1 - abar_prev - sigma ** 2).sqrt() * eps
+    if eta > 0 and t > 0:
+        x_prev = x_prev + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device)
+    return x_prev, x0_hat
+
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+@torch.no_grad()
+def sample(diffusion, model, x_T, y=None, w=0.0, generator=None, sampler="ddpm", steps=None, eta=0.0,
+           clip_x0=None, progress=False):
+    """Draw x_0 from x_T with `sampler` over `steps` evenly spaced steps (default: all T).
+
+    'ddpm' with steps < T is strided DDPM on the respaced process; 'ddim' is the DDIM step
+    with noise scale eta (0: deterministic). Both reuse the network trained on all T steps.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    steps = steps or diffusion.T
+    short, kept = diffusion.respaced(steps)
+    kept = kept.to(x_T.device)
+    on_kept = lambda x, t, y_: model(x, kept[t], y_)  # the network sees the original step index
+    if sampler == "ddpm":
+        return short.p_sample_loop(on_kept, x_T, y, w, generator, progress, clip_x0)
+    x = x_T
+    order = range(steps - 1, -1, -1)
+    if progress:
+        from tqdm import tqdm
+        order = tqdm(order, desc="sampling", unit="step", leave=False)
+    for t in order:
+        x, _ = ddim_step(short, on_kept, x, t, y, w, eta, generator, clip_x0)
+    return x
 
 
 def guided_eps(model, x_t, t, y, w):
@@ -221,6 +297,23 @@ def train_step(model, ema, optimizer, diffusion, x_0, y, generator, lr, p_uncond
 # ----------------------------------------------------------------------------------
 # Randomness, devices, files
 # ----------------------------------------------------------------------------------
+def training_state(model, ema, optimizer, **generators):
+    """Everything an interrupted run needs to go on exactly where it stopped (weights, EMA,
+    optimiser moments and the state of each named random generator)."""
+    return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "generators": {name: g.get_state() for name, g in generators.items()}}
+
+
+def restore_training_state(state, model, ema, optimizer, **generators):
+    """The inverse of training_state."""
+    with checkpoint_format("the resume file"):
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        for name, g in generators.items():
+            g.set_state(state["generators"][name])
+
+
 def make_generator(seed, device="cpu"):
     """An explicit random generator: every random draw in the project goes through one."""
     return torch.Generator(device=device).manual_seed(int(seed))
@@ -332,6 +425,17 @@ def load_checkpoint(path, kind, make_command):
     return ckpt
 
 
+@contextlib.contextmanager
+def checkpoint_format(path):
+    """Inside this block, a checkpoint whose contents do not fit the code (missing keys, other
+    shapes, another version) raises a one-line UserError instead of a traceback."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path} does not match this version of the code ({type(e).__name__}); "
+                        "retrain it, or rerun without --resume") from None
+
+
 # ----------------------------------------------------------------------------------
 # Command lines
 # ----------------------------------------------------------------------------------
@@ -351,53 +455,41 @@ def run_main(main):
         sys.exit(2)
 
 
-def positive_int(text):
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def number_type(convert, accept, expected):
+    """An argparse type: convert the text (int or float), then check it; errors say what was expected."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not (math.isfinite(value) and accept(value)):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+    parse.__name__ = expected
+    return parse
 
 
-def guidance_strength(text):
-    """argparse type: a guidance strength w >= -1 (w = -1 is the unconditional model)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < -1:
-        raise argparse.ArgumentTypeError(f"w must be a number >= -1 (w = -1 is unconditional), got {text}")
-    return value
+positive_int = number_type(int, lambda v: v >= 1, "a positive integer")
+positive_float = number_type(float, lambda v: v > 0, "a positive number")
+fraction = number_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+guidance_strength = number_type(float, lambda v: v >= -1, "a guidance strength w >= -1 (w = -1 is unconditional)")
+eta_value = number_type(float, lambda v: 0 <= v <= 1, "a DDIM noise scale eta in [0, 1]")
+seed_value = number_type(int, lambda v: 0 <= v < 2**63, "a seed in [0, 2^63)")
 
 
-def fraction(text):
-    """argparse type: a number in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
-    return value
-
-
-def positive_float(text):
-    """argparse type: a number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
+def add_sampler_flags(parser):
+    """--sampler, --steps and --eta, for every command that samples."""
+    g = parser.add_argument_group("sampler")
+    g.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                   help="ddpm: the stochastic DDPM reverse process; ddim: DDIM (deterministic with --eta 0) (default ddpm)")
+    g.add_argument("--steps", type=positive_int, default=None,
+                   help="sampling steps, evenly spaced over the model's T (default: all T; fewer = strided sampling)")
+    g.add_argument("--eta", type=eta_value, default=0.0, help="DDIM noise scale in [0, 1]: 0 deterministic, 1 = DDPM; ddim only (default 0)")
 
 
 def add_common_flags(parser, seed_default=0):
     """--seed and --device, which every script has."""
-    parser.add_argument("--seed", type=int, default=seed_default, help=f"random seed; the same seed repeats the run exactly (default {seed_default})")
+    parser.add_argument("--seed", type=seed_value, default=seed_default, help=f"random seed; the same seed repeats the run exactly (default {seed_default})")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to run: auto picks a CUDA GPU when one is present (default auto)")
 

@@ -32,7 +32,7 @@ DATA_BOX = (-0.15, 1.25)  # the pixel-value window of every panel that shows x_0
 CLIP_X0 = (-0.5, 1.5)
 
 
-def parse_args(argv=None):
+def build_parser():
     p = utils.ArgumentParser(description=__doc__, formatter_class=utils.argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=TASKS, required=True,
                    help="what to make: a figure (trajectory, tsweep, guidance, loss), report (PDF), all of them, "
@@ -50,20 +50,30 @@ def parse_args(argv=None):
                    help="classifier-free guidance strength with --label: 0 plain conditional, >0 pushes harder toward the class, "
                         "-1 ignores the label (unconditional); values below -1 are refused (default 0)")
     g.add_argument("--out", default=None, help="where --task samples writes its .npy file")
+    utils.add_sampler_flags(p)
     utils.add_common_flags(p)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.task == "samples" and args.out is None:
         p.error("--task samples needs --out FILE.npy")
+    if args.w != 0 and args.label is None:
+        p.error("--w needs --label: guidance pushes toward a class")
+    if args.eta and args.sampler != "ddim":
+        p.error("--eta applies to --sampler ddim only")
     return args
 
 
-def draw_samples(model, diffusion, n, seed, label=None, w=0.0, device="cpu"):
+def draw_samples(model, diffusion, n, seed, label=None, w=0.0, device="cpu", sampler="ddpm", steps=None, eta=0.0):
     """n samples (n, 2) float32 in pixel units. The starting noise x_T and every z come from
     one generator seeded with `seed`, so the same arguments give the same samples."""
     gen = utils.make_generator(seed, device)
     x_T = torch.randn(n, 1, 2, generator=gen, device=device)
     y = None if label is None else torch.full((n,), label, dtype=torch.int64, device=device)
-    x_0 = diffusion.p_sample_loop(model, x_T, y, w, gen, clip_x0=CLIP_X0)
+    x_0 = utils.sample(diffusion, model, x_T, y, w, gen, sampler, steps, eta, clip_x0=CLIP_X0)
     return x_0.reshape(n, 2).float().cpu()
 
 
@@ -73,7 +83,9 @@ def task_samples(args, device):
     utils.ensure_writable_dir(args.out)
     path = args.checkpoint or train.default_checkpoint(args.T, args.checkpoint_dir)
     model, diffusion, _ = train.load_model(path, args.T, device)
-    x = draw_samples(model, diffusion, args.n, args.seed, args.label, args.w, device)
+    if args.steps is not None and args.steps > diffusion.T:
+        raise utils.UserError(f"--steps {args.steps} is more than the model's T={diffusion.T}")
+    x = draw_samples(model, diffusion, args.n, args.seed, args.label, args.w, device, args.sampler, args.steps, args.eta)
     utils.save_npy(args.out, x.numpy().astype(np.float32))
     print(f"wrote {args.out}: {args.n} samples from {path}")
 
@@ -119,9 +131,13 @@ def panel_box(diffusion, t):
     At t = 0 it is DATA_BOX."""
     if t == 0:
         return DATA_BOX
+    gmm = TwoPixelGMM()
+    mean = gmm.weights @ gmm.means  # mixture mean of each pixel
+    var = gmm.std ** 2 + gmm.weights @ (gmm.means - mean) ** 2  # mixture variance of each pixel
+    centre, spread = mean.mean().item(), var.max().sqrt().item()  # about 0.57 and 0.22
     abar = diffusion.alphas_cumprod[t - 1].item()
-    centre = abar ** 0.5 * 0.55
-    half = 3.5 * (abar * 0.2 ** 2 + 1 - abar) ** 0.5
+    centre = abar ** 0.5 * centre
+    half = 3.5 * (abar * spread ** 2 + 1 - abar) ** 0.5
     return (round(centre - half, 2), round(centre + half, 2))
 
 
@@ -137,7 +153,7 @@ def sample_quality(model, diffusion, seed, n=5000, device="cpu"):
     gmm = TwoPixelGMM()
     oracle = gmm.oracle(diffusion.alphas_cumprod)
     learned = draw_samples(model, diffusion, n, seed, device=device)
-    exact = draw_samples(oracle, diffusion, n, seed, device=device)
+    exact = draw_samples(oracle, diffusion, n, seed)  # the oracle runs on the CPU
     ref, _ = gmm.sample(n, utils.make_generator(10_000 + seed))
     other, _ = gmm.sample(n, utils.make_generator(20_000 + seed))
     stats = {"seed": seed, "n": n,
@@ -167,9 +183,9 @@ def task_trajectory(args, device, T=50, n=10_000, times=(50, 40, 30, 20, 10, 0))
     import matplotlib.pyplot as plt
     model, diffusion = load_fig_model(args, T, device)
     gmm = TwoPixelGMM()
-    gen = utils.make_generator(args.seed)
-    x_T = torch.randn(n, 1, 2, generator=gen)
-    traj = diffusion.sample_trajectory(model, x_T, None, 0.0, gen, clip_x0=CLIP_X0).reshape(T + 1, n, 2).numpy()
+    gen = utils.make_generator(args.seed, device)
+    x_T = torch.randn(n, 1, 2, generator=gen, device=device)
+    traj = diffusion.sample_trajectory(model, x_T, None, 0.0, gen, clip_x0=CLIP_X0).reshape(T + 1, n, 2).cpu().numpy()
     path = traj[:, 0]  # the drawn chain: x_T ... x_0 of the first starting point
     fig, axes = plt.subplots(2, len(times), figsize=(3.0 * len(times), 6.4))
     numbers = {"T": T, "n_chains": n, "seed": args.seed, "panels": []}
@@ -186,11 +202,15 @@ def task_trajectory(args, device, T=50, n=10_000, times=(50, 40, 30, 20, 10, 0))
             label_axes(ax, left=col == 0, bottom=row == 1)
         axes[0, col].set_title(f"learned p(x_t), t={t}" if t else "learned p(x_0) (samples)", fontsize=10)
         axes[1, col].set_title(f"exact q(x_t), t={t}" if t else "ground truth q(x_0)", fontsize=10)
-        ref = gmm.sample(n, utils.make_generator(args.seed + 1))[0] if t == 0 else None
-        numbers["panels"].append({"t": t, "box": list(box), "mean_learned": traj[t].mean(0).tolist(),
-                                  "std_learned": traj[t].std(0).tolist(),
-                                  "energy_distance_to_ground_truth": None if ref is None else
-                                  utils.energy_distance(torch.from_numpy(traj[0][:5000]), ref[:5000])})
+        # the chains at step t against the true forward process: 5000 fresh x_0 noised to step t
+        x_0, _ = gmm.sample(5000, utils.make_generator(args.seed + 1))
+        exact_t = x_0 if t == 0 else diffusion.q_sample(
+            x_0[:, None], torch.full((5000,), t - 1), torch.randn(5000, 1, 2, generator=utils.make_generator(args.seed + 2)))
+        exact_t = exact_t.reshape(5000, 2)
+        numbers["panels"].append({"t": t, "box": list(box),
+                                  "mean_chains": traj[t].mean(0).tolist(), "std_chains": traj[t].std(0).tolist(),
+                                  "mean_exact": exact_t.mean(0).tolist(), "std_exact": exact_t.std(0).tolist(),
+                                  "energy_distance_chains_to_exact": utils.energy_distance(torch.from_numpy(traj[t][:5000]), exact_t)})
     fig.suptitle(f"T={T}: density of {n} chains at step t (top) vs the exact noised marginal (bottom); "
                  "each column has its own axes and one colour scale for both rows. White: one chain from x_T up "
                  "to step t, red: its x_t", fontsize=10)
@@ -246,12 +266,12 @@ def task_guidance(args, device, T=50, ws=(0.0, 1.0, 4.0), n=2000, starts=6):
     colours = {0: "C0", 1: "C3", None: "white"}
 
     def chains(x_T, label, w=0.0):
-        y = None if label is None else torch.full((x_T.shape[0],), label)
+        y = None if label is None else torch.full((x_T.shape[0],), label, device=device)
         # the same seed gives the same z at every step for every label
-        gen = utils.make_generator(args.seed + 7)
-        return diffusion.sample_trajectory(model, x_T, y, w, gen, clip_x0=CLIP_X0).reshape(T + 1, -1, 2).numpy()
+        gen = utils.make_generator(args.seed + 7, device)
+        return diffusion.sample_trajectory(model, x_T, y, w, gen, clip_x0=CLIP_X0).reshape(T + 1, -1, 2).cpu().numpy()
 
-    x_T = torch.randn(starts, 1, 2, generator=utils.make_generator(args.seed))
+    x_T = torch.randn(starts, 1, 2, generator=utils.make_generator(args.seed, device), device=device)
     runs = {label: chains(x_T, label) for label in (0, 1, None)}
     fig, axes = plt.subplots(1, 2 + len(ws), figsize=(4.2 * (2 + len(ws)), 4.4))
     ax = axes[0]
@@ -259,7 +279,7 @@ def task_guidance(args, device, T=50, ws=(0.0, 1.0, 4.0), n=2000, starts=6):
     for label, traj in runs.items():
         ax.plot(traj[:, 0, 0], traj[:, 0, 1], "-o", ms=2, lw=1, color=colours[label] if label is not None else "k",
                 label=f"y={label}" if label is not None else "no label")
-    ax.plot(*traj[T, 0], "k*", ms=12, label="x_T (shared)")
+    ax.plot(*x_T[0, 0].cpu().numpy(), "k*", ms=12, label="x_T (shared)")
     ax.set_title(f"One x_T, same z, three labels (T={T}, w=0)", fontsize=9)
     ax.legend(fontsize=7, loc="lower left")
     label_axes(ax)
@@ -309,7 +329,7 @@ def task_loss(args, device):
         ax.set_xlabel("step")
         ax.set_title(f"T={T}: final val {meta['val_loss']:.4f}, floor {meta['oracle_val_loss']:.4f}", fontsize=9)
         numbers[str(T)] = {k: meta[k] for k in ("val_loss", "oracle_val_loss", "final_loss", "steps", "seconds")}
-    axes[0].set_ylabel("L2 noise loss")
+    axes[0].set_ylabel(f"noise loss ({meta['loss']})")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     out = os.path.join(args.figures, "twopixel_loss.png")

@@ -112,7 +112,8 @@ def test_grid_trajectory_classifier_and_evaluate_write_their_files(root, tiny_ck
     r = run(root, "trajectory", "--checkpoint", tiny_ckpt, "--n", 6, "--out", tmp_path / "mnist_trajectory.png", "--quiet")
     assert r.returncode == 0, r.stderr
     stats = json.loads((tmp_path / "mnist_formation.json").read_text())
-    assert len(stats["share_settled_all"]) == 11 and stats["share_settled_all"][0] == 1.0
+    share = stats["share_settled_all"]
+    assert len(share) == 11 and all(a >= b for a, b in zip(share, share[1:]))  # [t]: settled at step t or earlier
     assert (tmp_path / "mnist_formation.png").exists() and (tmp_path / "mnist_trajectory.png").exists()
     clf = tmp_path / "clf.pt"
     r = run(root, "classifier", "--epochs", 1, "--data", small_data, "--out", clf, "--quiet")
@@ -126,11 +127,17 @@ def test_grid_trajectory_classifier_and_evaluate_write_their_files(root, tiny_ck
 
 
 def test_formation_settle_steps_on_a_hand_made_chain():
-    # T = 4, one pixel: the prediction reaches the final value 1.0 at step 3 and stays
-    x0_hats = torch.tensor([1.0, 1.0, 0.95, 0.2]).reshape(4, 1, 1, 1).expand(4, 1, 28, 28)
+    # T = 4; x0_hats[k] is the prediction made at paper step k + 1 (index 0 = last step).
+    # Pixel A: predictions at steps 4, 3, 2, 1 are 0.2, 0.95, 1.0, 1.0 -> within 0.1 of 1.0 from step 3 on.
+    # Pixel B: close at step 4, far at step 3, close after -> settles at step 2, not 4.
+    x0_hats = torch.ones(4, 1, 28, 28)
+    x0_hats[:, 0, 0, 0] = torch.tensor([1.0, 1.0, 0.95, 0.2])
+    x0_hats[:, 0, 0, 1] = torch.tensor([1.0, 1.0, 0.5, 1.0])
     settle, share = M.formation(x0_hats, torch.ones(1, 28, 28))
-    assert (settle == 3).all()
-    assert share.tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]
+    assert settle[0, 0, 0] == 3 and settle[0, 0, 1] == 2
+    assert (settle.flatten()[2:] == 4).all()  # every other pixel is right from the first step
+    n = 28 * 28
+    assert share.tolist() == pytest.approx([1.0, 1.0, 1.0, (n - 1) / n, (n - 2) / n])
 
 
 def test_frechet_distance_of_shifted_gaussians():
@@ -144,6 +151,11 @@ def test_frechet_distance_of_shifted_gaussians():
 @pytest.mark.parametrize("args, needle", [
     (["sample", "--label", "10", "--out", "x.npy"], "digit 0-9"),
     (["sample", "--label", "3", "--n", "0", "--out", "x.npy"], "positive integer"),
+    (["sample", "--label", "3", "--out", "x.npy", "--eta", "0.5"], "--eta applies to --sampler ddim only"),
+    (["sample", "--label", "3", "--out", "x.npy", "--seed", "-1"], "a seed in"),
+    (["train", "--channels", "8", "8", "12", "16"], "multiple of 8"),
+    (["evaluate", "--n", "1"], "at least 2"),
+    (["grid", "--out", "grid.jpeg"], "must end in .png"),
 ])
 def test_bad_flags(root, args, needle):
     r = run(root, *args)
@@ -175,19 +187,24 @@ def test_bad_checkpoints_and_data(root, tiny_ckpt, small_data, tmp_path):
         assert not (tmp_path / "m.pt").exists()
 
 
-def test_ctrl_c_keeps_finished_epochs_and_resume_completes(root, small_data, tmp_path):
-    out = tmp_path / "m.pt"
-    args = [sys.executable, os.path.join(root, "mnist_ddpm.py"), "train", *TINY_MODEL, "--epochs", "200",
-            "--data", str(small_data), "--out", str(out)]
-    proc = subprocess.Popen(args, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_ctrl_c_keeps_finished_epochs_and_resume_ends_like_an_uninterrupted_run(root, small_data, tmp_path):
+    settings = [*TINY_MODEL, "--epochs", "30", "--limit", "64", "--data", str(small_data)]
+    full, cut = tmp_path / "full.pt", tmp_path / "cut.pt"
+    assert run(root, "train", *settings, "--out", full).returncode == 0
+    proc = subprocess.Popen([sys.executable, os.path.join(root, "mnist_ddpm.py"), "train", *settings, "--out", str(cut)],
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not os.path.exists(str(out) + ".resume.pt") and time.time() < deadline:
-        time.sleep(0.05)
+    while not os.path.exists(str(cut) + ".resume.pt") and time.time() < deadline:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "--resume" in err and len(err.strip().splitlines()) == 1, err
-    done = torch.load(out, weights_only=True)["train"]["epochs_done"]
-    state = torch.load(str(out) + ".resume.pt", weights_only=True)
-    assert state["epoch"] == done >= 1
-    r = run(root, "train", *TINY_MODEL, "--epochs", 200, "--data", small_data, "--out", out, "--resume", "--limit", 320)
+    done = torch.load(cut, weights_only=True)["train"]["epochs_done"]
+    assert torch.load(str(cut) + ".resume.pt", weights_only=True)["epoch"] == done and 1 <= done < 30
+    r = run(root, "train", *settings, "--out", cut, "--resume", "--lr", "0.01")
     assert r.returncode == 2 and "other settings" in r.stderr  # a changed setting is refused, not mixed in
+    r = run(root, "train", *settings, "--out", cut, "--resume")
+    assert r.returncode == 0, r.stderr
+    a, b = torch.load(full, weights_only=True), torch.load(cut, weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["train"]["history"]["loss"] == b["train"]["history"]["loss"]

@@ -98,3 +98,69 @@ def test_energy_distance_matches_scipy_in_one_dimension():
     ours = utils.energy_distance(pad(u), pad(v))
     assert abs(ours - scipy_energy_distance(u.numpy(), v.numpy()) ** 2) < 1e-9
     assert utils.energy_distance(pad(u), pad(u)) == 0.0
+
+
+def test_respacing_keeps_alphas_cumprod_at_the_kept_steps():
+    d = utils.Diffusion(50)
+    short, kept = d.respaced(10)
+    assert kept[0] == 0 and kept[-1] == 49 and len(kept) == 10
+    assert torch.allclose(short.alphas_cumprod, d.alphas_cumprod[kept])
+    same, kept_all = d.respaced(50)
+    assert torch.equal(kept_all, torch.arange(50)) and torch.allclose(same.betas, d.betas)
+
+
+def test_respacing_to_one_step_keeps_the_last_step():
+    short, kept = utils.Diffusion(50).respaced(1)
+    assert kept.tolist() == [49] and short.T == 1
+
+
+def test_strided_ddpm_with_all_steps_equals_full_ddpm():
+    g = TwoPixelGMM()
+    d = utils.Diffusion(20)
+    oracle = g.oracle(d.alphas_cumprod)
+    x_T = torch.randn(500, 1, 2, generator=utils.make_generator(0))
+    full = d.p_sample_loop(oracle, x_T, generator=utils.make_generator(1))
+    strided = utils.sample(d, oracle, x_T, generator=utils.make_generator(1), sampler="ddpm", steps=20)
+    assert torch.equal(full, strided)
+
+
+def test_strided_ddpm_with_fewer_steps_matches_ddpm_run_with_that_many_steps():
+    # 100 of 1000 cosine steps: the oracle chain must reproduce the ground truth about as well
+    # as a full DDPM chain with 100 steps of its own
+    g = TwoPixelGMM()
+    long = utils.Diffusion(1000)
+    x_T = torch.randn(N, 1, 2, generator=utils.make_generator(0))
+    strided = utils.sample(long, g.oracle(long.alphas_cumprod), x_T, generator=utils.make_generator(1), steps=100)
+    ref, _ = g.sample(N, utils.make_generator(100))
+    ed = utils.energy_distance(strided.reshape(N, 2), ref)
+    assert ed < 1e-3, ed
+    # negative control: the respaced chain whose denoiser is not told the original step indices
+    short, _ = long.respaced(100)
+    wrong = short.p_sample_loop(g.oracle(long.alphas_cumprod), x_T, generator=utils.make_generator(1))
+    assert utils.energy_distance(wrong.reshape(N, 2), ref) > 10 * ed
+
+
+def test_ddim_is_deterministic_and_reproduces_the_ground_truth_with_the_oracle():
+    g = TwoPixelGMM()
+    d = utils.Diffusion(500)
+    oracle = g.oracle(d.alphas_cumprod)
+    x_T = torch.randn(N, 1, 2, generator=utils.make_generator(0))
+    a = utils.sample(d, oracle, x_T, generator=utils.make_generator(1), sampler="ddim", steps=200).reshape(N, 2)
+    b = utils.sample(d, oracle, x_T, generator=utils.make_generator(2), sampler="ddim", steps=200).reshape(N, 2)
+    assert torch.equal(a, b)  # eta = 0: no randomness after x_T
+    ref, _ = g.sample(N, utils.make_generator(100))
+    other, _ = g.sample(N, utils.make_generator(101))
+    ed, floor = utils.energy_distance(a, ref), utils.energy_distance(other, ref)
+    assert ed < 5e-4 and ed < 3 * floor + 2e-4, (ed, floor)
+
+
+def test_ddim_with_eta_one_is_the_ddpm_step():
+    # Song et al. 2021: eta = 1 gives the DDPM posterior mean and variance
+    g = TwoPixelGMM()
+    d = utils.Diffusion(30)
+    oracle = g.oracle(d.alphas_cumprod)
+    x_t = torch.randn(200, 1, 2, generator=utils.make_generator(0))
+    for t in (29, 10, 0):
+        ddpm, _ = d.p_sample(oracle, x_t, t, generator=utils.make_generator(3))
+        ddim, _ = utils.ddim_step(d, oracle, x_t, t, eta=1.0, generator=utils.make_generator(3))
+        assert torch.allclose(ddpm, ddim, atol=1e-4), t
