@@ -355,10 +355,16 @@ def task_report(args, device, readme=README):
         raise utils.UserError(f"{readme} not found; the report is built from the README's Results section")
     text = open(readme, encoding="utf-8").read()
     parts = re.split(r"^### ", text.split("## Results", 1)[-1].split("\n## ", 1)[0], flags=re.M)[1:]
-    image = lambda path: os.path.join(args.figures, os.path.basename(path))  # README's figures/X.png in --figures
+    if not parts:
+        raise utils.UserError(f"{readme} has no '## Results' section with '### ' parts to lay out")
+
+    def image(path):  # README's figures/X.png: from --figures if made there, else the README's own copy
+        made = os.path.join(args.figures, os.path.basename(path))
+        return made if os.path.exists(made) else os.path.join(os.path.dirname(os.path.abspath(readme)), path)
+
     missing = [image(p) for part in parts for p in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", part) if not os.path.exists(image(p))]
     if missing:
-        raise utils.UserError(f"the report needs {missing[0]}; make it first (python visualize.py --task all)")
+        raise utils.UserError(f"the report needs {missing[0]}; make it first (python visualize.py --task all for two-pixel figures, python mnist_ddpm.py grid or trajectory for MNIST ones)")
     out = os.path.join(args.figures, "report.pdf")
 
     def write(tmp):
@@ -369,10 +375,14 @@ def task_report(args, device, readme=README):
                 body = re.sub(r"!\[[^\]]*\]\([^)]+\)", "", body)
                 lines = []
                 for para in body.strip().split("\n\n"):
-                    lines += textwrap.wrap(" ".join(para.split()), 120) + [""]
+                    para = re.sub(r"\[([^\]]+)\]\([^)]+\)", r"\1", para).replace("**", "").replace("`", "")
+                    if para.lstrip().startswith("|"):  # a table: keep its rows as they are
+                        lines += [row for row in para.strip().splitlines() if not set(row) <= set("|- ")] + [""]
+                    else:
+                        lines += textwrap.wrap(" ".join(para.split()), 105) + [""]
                 fig = plt.figure(figsize=(8.27, 11.69))  # A4
                 fig.text(0.06, 0.97, title.strip(), fontsize=13, weight="bold", va="top")
-                fig.text(0.06, 0.94, "\n".join(lines), fontsize=7, va="top", family="serif")
+                fig.text(0.06, 0.94, "\n".join(lines), fontsize=7, va="top", family="monospace")
                 text_h = 0.03 + 0.0125 * len(lines)
                 if images:
                     h = (0.92 - text_h) / len(images)
