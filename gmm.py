@@ -122,6 +122,20 @@ class TwoPixelGMM:
         alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64).reshape(var.shape)
         return (-(1 - alpha_bar).sqrt() * score).to(x_t.dtype)
 
+    def class_log_posterior(self, x_t, alpha_bar):
+        """log q(y = k | x_t) for every class k: (N, K). The exact Bayes classifier of noisy points."""
+        return torch.log_softmax(self._log_joint(x_t.to(torch.float64), alpha_bar, None), dim=-1)
+
+    def class_score(self, x_t, alpha_bar, y):
+        """grad_x log q(y | x_t), exactly: (N, 2) in the dtype of x_t.
+
+        By Bayes, grad log q(y | x_t) = grad log q(x_t | y) - grad log q(x_t), and each score is
+        -eps* / sqrt(1 - abar), so this is (eps*(x_t) - eps*(x_t, y)) / sqrt(1 - abar).
+        """
+        alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
+        diff = self.eps_star(x_t.to(torch.float64), alpha_bar) - self.eps_star(x_t.to(torch.float64), alpha_bar, y)
+        return (diff / (1 - alpha_bar).sqrt().reshape(-1, 1)).to(x_t.dtype)
+
     def nearest_class(self, x):
         """Index of the nearest class mean for each point x (N, 2): int64 (N,)."""
         return torch.cdist(x.to(torch.float64), self.means).argmin(dim=1)

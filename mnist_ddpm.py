@@ -33,7 +33,10 @@ CLASSIFIER_KIND = "mnist-classifier"
 DEFAULT_DATA = os.path.join("data", "mnist.npz")
 DEFAULT_CKPT = os.path.join("checkpoints", "mnist_T200.pt")
 DEFAULT_CLASSIFIER = os.path.join("checkpoints", "mnist_classifier.pt")
-DEFAULT_W = 2.0
+# The default guidance strength: of w = 0, 0.5, 1 and 2, the one closest to the evaluation
+# targets (99% classified as the requested digit, Frechet distance at most 1.5 times the
+# real-data floor); see figures/mnist_eval.json and the README.
+DEFAULT_W = 0.5
 TRAIN_COMMAND = "python mnist_ddpm.py train"
 CLASSIFIER_COMMAND = "python mnist_ddpm.py classifier"
 
@@ -319,6 +322,45 @@ def cmd_sample(args, device):
     print(f"wrote {args.out}: {args.n} samples of digit {args.label} at w={args.w:g}")
 
 
+def cmd_animate(args, device, every=4, hold=8):
+    """figures/mnist_forming.gif: one sample of each digit from noise to image, x_t above and the
+    predicted clean image below, every `every` steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not args.out.endswith(".gif"):
+        raise utils.UserError(f"--out {args.out}: the animation must end in .gif")
+    utils.ensure_writable_dir(args.out)
+    model, diffusion, _ = load_unet(args.checkpoint, args.T, device)
+    T = diffusion.T
+    labels = torch.arange(10, device=device)
+    gen = utils.make_generator(args.seed, device)
+    x = torch.randn(10, 1, 28, 28, generator=gen, device=device)
+    frames = [(T, to_pixels(x)[:, 0].cpu(), None)]
+    with torch.no_grad():
+        chain = diffusion.p_sample_loop_progressive(model, x, labels, args.w, gen, not args.quiet, CLIP)
+        for t, (x, x0_hat) in zip(range(T - 1, -1, -1), chain):
+            if t % every == 0:
+                frames.append((t, to_pixels(x)[:, 0].cpu(), to_pixels(x0_hat)[:, 0].cpu()))
+    fig, axes = plt.subplots(2, 10, figsize=(10, 2.6))
+    images = [[ax.imshow(np.zeros((28, 28)), cmap="gray", vmin=0, vmax=1) for ax in row] for row in axes]
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_ylabel("x_t", fontsize=8)
+    axes[1, 0].set_ylabel("predicted x_0", fontsize=8)
+
+    def draw_frame(k):
+        t, x_t, x0_hat = frames[min(k, len(frames) - 1)]
+        for d in range(10):
+            images[0][d].set_data(1 - x_t[d].numpy())
+            images[1][d].set_data(np.ones((28, 28)) if x0_hat is None else 1 - x0_hat[d].numpy())  # none yet at t = T
+        fig.suptitle(f"Digits forming: t = {t} (T = {T}, w = {args.w:g}, seed {args.seed})", fontsize=9)
+
+    utils.save_animation(fig, draw_frame, len(frames) + hold, args.out, fps=10)
+    print(f"wrote {args.out}")
+
+
 def image_grid(ax, images, nrow):
     """Show (n, 28, 28) images in [0, 1] on one axis as a grid with nrow rows, ink dark on white."""
     n = images.shape[0]
@@ -428,7 +470,7 @@ def cmd_trajectory(args, device):
     per_sample_iqr = [float(np.subtract(*np.percentile(settle[k][ink[k]].numpy(), [75, 25]))) for k in range(args.n) if ink[k].any()]
     share_ink = [(settle[ink] >= t).float().mean().item() for t in range(T + 1)]
     share_bg = [(settle[~ink] >= t).float().mean().item() for t in range(T + 1)]
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")
     a1.plot(range(T + 1), share_ink, label="ink pixels (final > 0.5)")
     a1.plot(range(T + 1), share_bg, label="background pixels")
     a1.invert_xaxis()
@@ -443,6 +485,7 @@ def cmd_trajectory(args, device):
     fig.colorbar(im, ax=a2, fraction=0.046)
     a3.hist(ink_settle.numpy(), bins=40, range=(0, T), color="C0")
     a3.set_xlabel("settle step of ink pixels")
+    a3.set_ylabel("pixels")
     a3.set_title(f"Ink pixels of {args.n} samples", fontsize=9)
     folder, name = os.path.split(os.path.splitext(args.out)[0])
     ext = os.path.splitext(args.out)[1]
@@ -587,26 +630,83 @@ def cmd_evaluate(args, device):
               "classifier_test_accuracy": clf_ckpt["train"]["test_accuracy"],
               "frechet_floor_train_vs_test": float(np.mean(floors)), "frechet_floor_draws": floors,
               "real_diversity_per_digit": real_div, "by_w": []}
+    if args.steps is not None and args.steps > diffusion.T:
+        raise utils.UserError(f"--steps {args.steps} is more than the model's T={diffusion.T}")
+    steps = args.steps or diffusion.T
+    # An earlier run into the same file with the same model, n, seed and classifier (the floor
+    # fingerprints them) keeps its entries: only new (w, sampler, steps) settings are sampled.
+    kept = {}
+    if os.path.exists(args.out):
+        try:
+            earlier = json.load(open(args.out))
+            if all(earlier.get(k) == result[k] for k in ("checkpoint", "T", "n_per_digit", "seed", "frechet_floor_train_vs_test")):
+                kept = {entry_key(e, diffusion.T): e for e in earlier["by_w"]}
+        except (ValueError, KeyError, TypeError):
+            pass  # not an earlier result of this command: start afresh
     labels = torch.arange(10).repeat_interleave(args.n)
-    for w in args.ws:
-        t0 = time.perf_counter()
-        x = draw(model, diffusion, labels, w, args.seed, device, not args.quiet)
-        seconds = time.perf_counter() - t0
-        f = feats(x)
-        pred = batched(clf.head, f.to(device)).argmax(1).cpu()
-        div = [mean_pairwise_distance(f[labels == k]) for k in range(10)]
-        entry = {"w": w, "sampling_seconds": round(seconds, 1),
-                 "accuracy": (pred == labels).float().mean().item(),
-                 "accuracy_per_digit": [(pred[labels == k] == k).float().mean().item() for k in range(10)],
-                 "frechet_distance": frechet_distance(f, f_test),
-                 "diversity_per_digit": div,
-                 "diversity_ratio": float(np.mean(div) / np.mean(real_div))}
+    todo = [(w, args.sampler, steps) for w in args.ws]
+    result["by_w"] = [e for key, e in kept.items() if key not in todo]
+    for w, sampler, steps in todo:
+        if (w, sampler, steps) in kept:
+            entry = kept[(w, sampler, steps)]
+            print(f"w={w:g}, {sampler} {steps} steps: kept from {args.out}")
+        else:
+            t0 = time.perf_counter()
+            x = draw(model, diffusion, labels, w, args.seed, device, not args.quiet, sampler, steps, args.eta)
+            seconds = time.perf_counter() - t0
+            f = feats(x)
+            pred = batched(clf.head, f.to(device)).argmax(1).cpu()
+            div = [mean_pairwise_distance(f[labels == k]) for k in range(10)]
+            entry = {"w": w, "sampler": sampler, "steps": steps, "eta": args.eta, "sampling_seconds": round(seconds, 1),
+                     "accuracy": (pred == labels).float().mean().item(),
+                     "accuracy_per_digit": [(pred[labels == k] == k).float().mean().item() for k in range(10)],
+                     "frechet_distance": frechet_distance(f, f_test),
+                     "diversity_per_digit": div,
+                     "diversity_ratio": float(np.mean(div) / np.mean(real_div))}
         result["by_w"].append(entry)
-        utils.save_json(args.out, result)  # after every w, so a long run keeps what it has
-        print(f"w={w:g}: accuracy {entry['accuracy']:.3f}, Frechet {entry['frechet_distance']:.2f} "
+        result["by_w"].sort(key=lambda e: (entry_key(e, diffusion.T)[1], -entry_key(e, diffusion.T)[2], e["w"]))
+        utils.save_json(args.out, result)  # after every setting, so a long run keeps what it has
+        print(f"w={w:g}, {sampler} {steps} steps: accuracy {entry['accuracy']:.3f}, Frechet {entry['frechet_distance']:.2f} "
               f"(floor {result['frechet_floor_train_vs_test']:.2f}), diversity {entry['diversity_ratio']:.2f} of real, "
-              f"{seconds:.0f} s", flush=True)
-    print(f"wrote {args.out}")
+              f"{entry['sampling_seconds']:.0f} s", flush=True)
+    figure = os.path.splitext(args.out)[0] + ".png"
+    plot_evaluation(result, figure)
+    print(f"wrote {args.out} and {figure}")
+
+
+def entry_key(entry, T):
+    """(w, sampler, steps) of an evaluation entry; entries without a sampler are full DDPM."""
+    return entry["w"], entry.get("sampler", "ddpm"), entry.get("steps", T)
+
+
+def plot_evaluation(result, out):
+    """Accuracy, Frechet distance (with the floor) and diversity against w, one line per sampler setting."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    settings = sorted({entry_key(e, result["T"])[1:] for e in result["by_w"]}, key=lambda s: (s[0], -s[1]))
+    for sampler, steps in settings:
+        entries = sorted((e for e in result["by_w"] if entry_key(e, result["T"])[1:] == (sampler, steps)), key=lambda e: e["w"])
+        ws = [e["w"] for e in entries]
+        label = f"{sampler.upper()}, {steps} steps"
+        axes[0].plot(ws, [100 * e["accuracy"] for e in entries], "-o", label=label)
+        axes[1].plot(ws, [e["frechet_distance"] for e in entries], "-o", label=label)
+        axes[2].plot(ws, [100 * e["diversity_ratio"] for e in entries], "-o", label=label)
+    axes[0].axhline(99, color="grey", ls=":", lw=1, label="target 99%")
+    axes[1].axhline(result["frechet_floor_train_vs_test"], color="k", ls="--", lw=1, label="floor: real train vs test")
+    axes[1].axhline(1.5 * result["frechet_floor_train_vs_test"], color="grey", ls=":", lw=1, label="target: 1.5 x floor")
+    axes[2].axhline(80, color="grey", ls=":", lw=1, label="target 80%")
+    titles = ("classified as the requested digit (%)", "Frechet distance to real test digits",
+              "within-class diversity, % of real")
+    for ax, title in zip(axes, titles):
+        ax.set_xlabel("guidance strength w")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"MNIST samples, {result['n_per_digit']} per digit (T={result['T']}, seed {result['seed']})", fontsize=10)
+    fig.tight_layout()
+    utils.save_figure(fig, out)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------
@@ -668,6 +768,13 @@ def build_parser():
     q.add_argument("--out", default=os.path.join("figures", "mnist_grid.png"), help="main grid file; the comparison goes beside it with _w added")
     common(q)
 
+    q = sub.add_parser("animate", help="a GIF of one sample of each digit forming from noise",
+                       description="figures/mnist_forming.gif: x_t and the predicted clean image for digits 0-9, "
+                                   "every 4 steps from t = T to 0.")
+    q.add_argument("--w", type=utils.guidance_strength, default=DEFAULT_W, help=f"guidance strength (default {DEFAULT_W})")
+    q.add_argument("--out", default=os.path.join("figures", "mnist_forming.gif"), help="the GIF to write")
+    common(q)
+
     q = sub.add_parser("trajectory", help="draw one sample from noise to digit and measure how digits form",
                        description="figures/mnist_trajectory.png: x_t and the predicted clean image at t = T, ..., 0; "
                                    "figures/mnist_formation.png and .json: when each pixel settles, over --n samples.")
@@ -682,12 +789,15 @@ def build_parser():
                                    "Frechet distance to real test digits in the classifier's feature space (beside the "
                                    "real-train vs real-test floor), and within-class diversity; saved as JSON.")
     q.add_argument("--ws", type=utils.guidance_strength, nargs="+", default=[0.0, DEFAULT_W],
-                   help=f"guidance strengths; each costs about 6 (w = 0) or 12 minutes on 2 CPU cores (default 0 {DEFAULT_W:g})")
+                   help=f"guidance strengths; each costs about 5 (w = 0) or 9 minutes on 2 CPU cores (default 0 {DEFAULT_W:g})")
     q.add_argument("--n", type=utils.positive_int, default=100, help="samples per digit (default 100)")
     q.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help=f"classifier checkpoint (default {DEFAULT_CLASSIFIER})")
     q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with the real digits (default {DEFAULT_DATA})")
-    q.add_argument("--out", default=os.path.join("figures", "mnist_eval.json"), help="where the results go")
+    q.add_argument("--out", default=os.path.join("figures", "mnist_eval.json"),
+                   help="where the results go (JSON; the figure goes beside it as .png). Settings already in this file "
+                        "from the same model, n, seed and classifier are kept, not sampled again")
     common(q)
+    utils.add_sampler_flags(q)
     return p
 
 
@@ -700,6 +810,8 @@ def parse_args(argv=None):
         p.error("--n must be at least 2 (diversity compares pairs of samples)")
     if args.command in ("grid", "trajectory") and os.path.splitext(args.out)[1] not in (".png", ".pdf", ".svg"):
         p.error(f"--out {args.out}: the figure must end in .png, .pdf or .svg")
+    if args.command == "evaluate" and not args.out.endswith(".json"):
+        p.error(f"--out {args.out}: the results file must end in .json")
     if getattr(args, "eta", 0) and args.sampler != "ddim":
         p.error("--eta applies to --sampler ddim only")
     return args
@@ -714,7 +826,7 @@ def main():
 
 
 COMMANDS = {"train": cmd_train, "classifier": cmd_classifier, "sample": cmd_sample, "grid": cmd_grid,
-            "trajectory": cmd_trajectory, "evaluate": cmd_evaluate}
+            "trajectory": cmd_trajectory, "evaluate": cmd_evaluate, "animate": cmd_animate}
 
 if __name__ == "__main__":
     utils.run_main(main)

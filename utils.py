@@ -253,6 +253,23 @@ def guided_eps(model, x_t, t, y, w):
     return (1 + w) * eps_cond - w * eps_uncond
 
 
+def classifier_guided(model, class_score, alphas_cumprod, scale):
+    """An eps-function with classifier guidance (Dhariwal & Nichol 2021, section 4.2):
+
+    eps_hat(x_t, t, y) = eps(x_t, t, none) - scale sqrt(1 - abar_t) grad_x log p(y | x_t, t),
+
+    the unconditional prediction shifted along the classifier's score class_score(x_t, t, y).
+    With scale = 1, the exact unconditional eps* and the exact Bayes classifier, this is the
+    exact conditional eps*(x_t, y); classifier-free guidance at w is the same formula with
+    scale = 1 + w and the classifier implied by the conditional model.
+    """
+    def eps(x_t, t, y):
+        abar = extract(alphas_cumprod, t, x_t.shape)
+        return model(x_t, t, None) - scale * (1 - abar).sqrt() * class_score(x_t, t, y)
+
+    return eps
+
+
 def noise_loss(eps_pred, noise, loss_type="l2"):
     """Mean loss between predicted and true noise: 'l2' (squared error), 'l1' or 'huber'."""
     if loss_type == "l2":
@@ -350,11 +367,12 @@ class UserError(Exception):
     """A problem with the user's input or files: the scripts print it as one line and exit 2."""
 
 
-def atomic_write(path, write):
+def atomic_write(path, write, suffix=""):
     """Write a file so that an interruption never leaves it half written: `write(tmp_path)`
-    fills a temporary file beside the target, which then replaces it in one step."""
+    fills a temporary file beside the target, which then replaces it in one step. `suffix`
+    ends the temporary name, for writers that take the format from it."""
     path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp{os.getpid()}{suffix}"
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -389,6 +407,16 @@ def save_figure(fig, path):
     import matplotlib.pyplot as plt
     fmt = os.path.splitext(path)[1][1:] or "png"
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format=fmt))
+    plt.close(fig)
+
+
+def save_animation(fig, draw_frame, n_frames, path, fps=10):
+    """Save a GIF atomically: draw_frame(k) updates the figure for frame k (matplotlib's
+    FuncAnimation with the Pillow writer, which ships with matplotlib)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.animation import FuncAnimation, PillowWriter
+    animation = FuncAnimation(fig, draw_frame, frames=n_frames, blit=False)
+    atomic_write(path, lambda tmp: animation.save(tmp, writer=PillowWriter(fps=fps), dpi=60), suffix=".gif")
     plt.close(fig)
 
 

@@ -5,6 +5,9 @@
     python visualize.py --task tsweep       # figures/twopixel_tsweep.png and _oracle.png (T = 5, 10, 25, 50)
     python visualize.py --task guidance     # figures/twopixel_guidance.png
     python visualize.py --task loss         # figures/twopixel_loss.png
+    python visualize.py --task fast         # figures/twopixel_fast_sampling.png (T = 200: strided DDPM, DDIM)
+    python visualize.py --task classifier   # figures/twopixel_classifier_guidance.png (T = 50)
+    python visualize.py --task animate      # figures/twopixel_flow.gif: the point cloud from noise to data
     python visualize.py --task report       # figures/report.pdf: README's results, one problem per page
     python visualize.py --task samples --T 50 --n 5000 --seed 0 --out samples.npy
 
@@ -22,7 +25,7 @@ import train
 import utils
 from gmm import TwoPixelGMM
 
-TASKS = ("samples", "trajectory", "tsweep", "guidance", "loss", "report", "all")
+TASKS = ("samples", "trajectory", "tsweep", "guidance", "loss", "fast", "classifier", "animate", "report", "all")
 SWEEP_T = (5, 10, 25, 50)
 DATA_BOX = (-0.15, 1.25)  # the pixel-value window of every panel that shows x_0
 # Every two-pixel chain clips its predicted clean point x0_hat to this box, 7.5 standard
@@ -35,7 +38,8 @@ CLIP_X0 = (-0.5, 1.5)
 def build_parser():
     p = utils.ArgumentParser(description=__doc__, formatter_class=utils.argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=TASKS, required=True,
-                   help="what to make: a figure (trajectory, tsweep, guidance, loss), report (PDF), all of them, "
+                   help="what to make: a figure (trajectory, tsweep, guidance, loss, fast, classifier), animate (GIF), report (PDF), all "
+                        "(every figure of the report, then the report), "
                         "or samples (an (n, 2) float32 array of pixel values)")
     p.add_argument("--figures", default="figures", help="directory for figures and their JSON (default figures)")
     p.add_argument("--checkpoint-dir", default="checkpoints", help="folder of the twopixel_T{T}.pt checkpoints (default checkpoints)")
@@ -94,7 +98,7 @@ def task_samples(args, device):
 # Shared drawing pieces
 # ----------------------------------------------------------------------------------
 def needed_checkpoints(tasks):
-    needs = {"trajectory": (50,), "tsweep": SWEEP_T, "guidance": (50,), "loss": SWEEP_T}
+    needs = {"trajectory": (50,), "tsweep": SWEEP_T, "guidance": (50,), "loss": SWEEP_T, "fast": (FAST_T, *SWEEP_T), "classifier": (50,), "animate": (50,)}
     return sorted({T for task in tasks for T in needs.get(task, ())})
 
 
@@ -337,6 +341,141 @@ def task_loss(args, device):
     utils.save_json(out.replace(".png", ".json"), numbers)
 
 
+FAST_T = 200
+FAST_STEPS = (2, 5, 10, 25, 50, 200)
+
+
+def task_fast(args, device, n=5000):
+    """Fast sampling: energy distance to the ground truth against the number of sampling steps K
+    for the T = 200 model, with strided DDPM and DDIM (eta = 0), each beside the same sampler
+    driven by the exact oracle; the T-sweep models (full DDPM at K = T) for comparison."""
+    import matplotlib.pyplot as plt
+    model, diffusion = load_fig_model(args, FAST_T, device)
+    gmm = TwoPixelGMM()
+    oracle = gmm.oracle(diffusion.alphas_cumprod)
+    ref, _ = gmm.sample(n, utils.make_generator(10_000 + args.seed))
+    numbers = {"T": FAST_T, "n": n, "seed": args.seed, "steps": list(FAST_STEPS), "by_sampler": {}, "tsweep_models": {}}
+    for sampler in utils.SAMPLERS:
+        for driver, eps_fn, dev in (("learned", model, device), ("oracle", oracle, "cpu")):
+            eds = [utils.energy_distance(draw_samples(eps_fn, diffusion, n, args.seed, device=dev, sampler=sampler, steps=K), ref)
+                   for K in FAST_STEPS]
+            numbers["by_sampler"][f"{sampler}_{driver}"] = {"energy_distance": eds}
+    for T in SWEEP_T:  # each T-sweep model with its own full DDPM chain: K = T
+        small, small_diffusion = load_fig_model(args, T, device)
+        x = draw_samples(small, small_diffusion, n, args.seed, device=device)
+        numbers["tsweep_models"][str(T)] = utils.energy_distance(x, ref)
+    other, _ = gmm.sample(n, utils.make_generator(20_000 + args.seed))
+    numbers["energy_distance_floor"] = utils.energy_distance(other, ref)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for sampler, colour, name in (("ddpm", "C0", "strided DDPM"), ("ddim", "C3", "DDIM, eta = 0")):
+        ax.plot(FAST_STEPS, numbers["by_sampler"][f"{sampler}_learned"]["energy_distance"], "-o", color=colour,
+                label=f"{name}, T={FAST_T} model")
+        ax.plot(FAST_STEPS, numbers["by_sampler"][f"{sampler}_oracle"]["energy_distance"], "--", color=colour,
+                label=f"{name}, oracle eps*")
+    ax.plot([int(T) for T in numbers["tsweep_models"]], list(numbers["tsweep_models"].values()), "ks",
+            label="T-sweep models, full DDPM (K = T)")
+    ax.axhline(numbers["energy_distance_floor"], color="grey", lw=1, ls=":", label="two ground-truth samples (floor)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("sampling steps K")
+    ax.set_ylabel(f"energy distance to the ground truth ({n} samples)")
+    ax.set_title("Fewer sampling steps from one model trained with T = 200", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = os.path.join(args.figures, "twopixel_fast_sampling.png")
+    utils.save_figure(fig, out)
+    utils.save_json(out.replace(".png", ".json"), numbers)
+
+
+GUIDANCE_SCALES = (1.0, 2.0, 3.0, 5.0, 9.0)  # classifier-guidance scale s; classifier-free w = s - 1
+
+
+def task_classifier(args, device, T=50, n=2000, show=5.0):
+    """Classifier guidance beside classifier-free guidance, from the same x_T and z: own-class
+    share and spread against the strength, for the learned classifier and the exact Bayes one."""
+    import matplotlib.pyplot as plt
+    import classifier_guidance as cg
+    model, diffusion = load_fig_model(args, T, device)
+    clf = cg.load_classifier(cg.default_checkpoint(T, args.checkpoint_dir), T, device)
+    gmm = TwoPixelGMM()
+    abar = diffusion.alphas_cumprod
+    methods = {
+        "classifier-free, learned model (w = s - 1)": lambda s: (model, s - 1),
+        "classifier guidance, learned model and classifier": lambda s: (utils.classifier_guided(model, clf.score, abar, s), 0.0),
+        "classifier guidance, exact eps* and Bayes classifier": lambda s: (
+            utils.classifier_guided(gmm.oracle(abar), cg.exact_score(gmm, abar), abar, s), 0.0),
+    }
+    numbers = {"T": T, "n_per_label": n, "seed": args.seed, "scales": list(GUIDANCE_SCALES), "by_method": {}}
+    shown = {}
+    for name, make in methods.items():
+        rows = []
+        for s in GUIDANCE_SCALES:
+            eps_fn, w = make(s)
+            dev = "cpu" if name.endswith("Bayes classifier") else device
+            xs = [draw_samples(eps_fn, diffusion, n, args.seed + label, label, w, dev) for label in (0, 1)]
+            rows.append({"scale": s,
+                         "own_class_share": [(gmm.nearest_class(x) == k).float().mean().item() for k, x in enumerate(xs)],
+                         "std": [x.std(0).mean().item() for x in xs],
+                         "mean": [x.mean(0).tolist() for x in xs]})
+            if s == show:
+                shown[name] = xs
+        numbers["by_method"][name] = rows
+    truth = true_density(gmm, DATA_BOX)
+    fig, axes = plt.subplots(1, 5, figsize=(21, 4.4))
+    for ax, (name, xs) in zip(axes, shown.items()):
+        show_density(ax, truth, DATA_BOX, None, cmap="Greys")
+        for label, x in enumerate(xs):
+            ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.3, color=("C0", "C3")[label])
+        ax.set_title(f"{name}\ns = {show:g}", fontsize=8)
+        label_axes(ax, left=ax is axes[0])
+    for name, rows in numbers["by_method"].items():
+        axes[3].plot(GUIDANCE_SCALES, [100 * np.mean(r["own_class_share"]) for r in rows], "-o", label=name)
+        axes[4].plot(GUIDANCE_SCALES, [np.mean(r["std"]) for r in rows], "-o", label=name)
+    axes[3].set_ylabel("samples nearest their own class mean (%)")
+    axes[4].set_ylabel("per-class standard deviation")
+    axes[4].axhline(gmm.std, color="k", ls=":", lw=1, label="ground truth (0.1)")
+    for ax in axes[3:]:
+        ax.set_xlabel("guidance scale s")
+        ax.legend(fontsize=6)
+    fig.suptitle(f"Classifier guidance and classifier-free guidance (T = {T}, {n} samples per label, same x_T and z); "
+                 "y = 0 blue, y = 1 red", fontsize=10)
+    fig.tight_layout()
+    out = os.path.join(args.figures, "twopixel_classifier_guidance.png")
+    utils.save_figure(fig, out)
+    utils.save_json(out.replace(".png", ".json"), numbers)
+
+
+def task_animate(args, device, T=50, n=1000, hold=10):
+    """figures/twopixel_flow.gif: the point cloud flowing from noise to the mixture, from the same
+    x_T and z without a label, with labels at w = 0 and with labels at w = 4."""
+    import matplotlib.pyplot as plt
+    model, diffusion = load_fig_model(args, T, device)
+    gmm = TwoPixelGMM()
+    x_T = torch.randn(n, 1, 2, generator=utils.make_generator(args.seed, device), device=device)
+    labels = (torch.arange(n, device=device) % 2)
+    panels = [("no label", None, 0.0), ("y = 0 blue, y = 1 red, w = 0", labels, 0.0), ("same, w = 4", labels, 4.0)]
+    runs = [diffusion.sample_trajectory(model, x_T, y, w, utils.make_generator(args.seed + 1, device), clip_x0=CLIP_X0)
+            .reshape(T + 1, n, 2).cpu().numpy() for _, y, w in panels]
+    colours = np.where(labels.cpu().numpy()[:, None] == 0, [[0.12, 0.47, 0.71, 1.0]], [[0.84, 0.15, 0.16, 1.0]])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 4.3))
+
+    def draw_frame(k):
+        t = max(T - k, 0)
+        box = panel_box(diffusion, t)
+        background = true_density(gmm, box, 1.0 if t == 0 else diffusion.alphas_cumprod[t - 1].item())
+        for ax, (title, y, w), traj in zip(axes, panels, runs):
+            ax.clear()
+            show_density(ax, background, box, None, cmap="Greys")
+            ax.scatter(traj[t, :, 0], traj[t, :, 1], s=2, alpha=0.5, color="C1" if y is None else colours)
+            ax.set_title(f"{title}: t = {t}", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.suptitle(f"{n} chains (T = {T}) over the exact q(x_t); the window follows the cloud", fontsize=9)
+
+    utils.save_animation(fig, draw_frame, T + 1 + hold, os.path.join(args.figures, "twopixel_flow.gif"), fps=8)
+
+
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
 
 
@@ -397,7 +536,9 @@ def task_report(args, device, readme=README):
 
 
 FIGURE_TASKS = {"trajectory": task_trajectory, "tsweep": task_tsweep, "guidance": task_guidance,
-                "loss": task_loss, "report": task_report}
+                "loss": task_loss, "fast": task_fast, "classifier": task_classifier, "report": task_report,
+                "animate": task_animate}
+ALL = ("trajectory", "tsweep", "guidance", "loss", "fast", "classifier", "report")  # --task all: the report's figures and the report
 
 
 def main():
@@ -407,11 +548,14 @@ def main():
         return task_samples(args, device)
     import matplotlib
     matplotlib.use("Agg")
-    tasks = list(FIGURE_TASKS) if args.task == "all" else [args.task]
+    tasks = list(ALL) if args.task == "all" else [args.task]
     # fail before any work if a needed checkpoint is missing or the figures directory is unwritable
     utils.ensure_writable_dir(os.path.join(args.figures, "x"))
     for T in needed_checkpoints(tasks):
         train.load_model(train.default_checkpoint(T, args.checkpoint_dir), T)
+    if "classifier" in tasks:
+        import classifier_guidance
+        classifier_guidance.load_classifier(classifier_guidance.default_checkpoint(50, args.checkpoint_dir), 50)
     start = time.perf_counter()
     from tqdm import tqdm
     for task in tqdm(tasks, desc="figures", unit="figure", disable=args.quiet or len(tasks) == 1):

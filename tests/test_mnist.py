@@ -115,6 +115,9 @@ def test_grid_trajectory_classifier_and_evaluate_write_their_files(root, tiny_ck
     share = stats["share_settled_all"]
     assert len(share) == 11 and all(a >= b for a, b in zip(share, share[1:]))  # [t]: settled at step t or earlier
     assert (tmp_path / "mnist_formation.png").exists() and (tmp_path / "mnist_trajectory.png").exists()
+    r = run(root, "animate", "--checkpoint", tiny_ckpt, "--out", tmp_path / "forming.gif", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "forming.gif").read_bytes()[:6] == b"GIF89a"
     clf = tmp_path / "clf.pt"
     r = run(root, "classifier", "--epochs", 1, "--data", small_data, "--out", clf, "--quiet")
     assert r.returncode == 0, r.stderr
@@ -124,6 +127,15 @@ def test_grid_trajectory_classifier_and_evaluate_write_their_files(root, tiny_ck
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert [e["w"] for e in ev["by_w"]] == [0.0, 1.0]
     assert all(0 <= e["accuracy"] <= 1 and e["frechet_distance"] >= 0 for e in ev["by_w"])
+    assert (tmp_path / "eval.png").exists()
+    # a second run into the same file keeps w = 1 and samples only the new settings
+    r = run(root, "evaluate", "--checkpoint", tiny_ckpt, "--classifier", clf, "--data", small_data, "--n", 4,
+            "--ws", 1, 2, "--out", tmp_path / "eval.json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "w=1, ddpm" in r.stdout and "kept from" in r.stdout and r.stdout.count("kept from") == 1
+    again = json.loads((tmp_path / "eval.json").read_text())
+    assert [e["w"] for e in again["by_w"]] == [0.0, 1.0, 2.0]
+    assert again["by_w"][1] == ev["by_w"][1]
 
 
 def test_formation_settle_steps_on_a_hand_made_chain():

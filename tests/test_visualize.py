@@ -15,8 +15,10 @@ def run(root, script, *args, timeout=300):
 @pytest.fixture(scope="module")
 def tiny_dir(root, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_ckpts")
-    r = run(root, "train.py", "--T", 5, 10, 25, 50, "--steps", 30, "--batch-size", 64, "--channels", 8, 32,
+    r = run(root, "train.py", "--T", 5, 10, 25, 50, 200, "--steps", 30, "--batch-size", 64, "--channels", 8, 32,
             "--log-every", 10, "--quiet", "--checkpoint-dir", folder)
+    assert r.returncode == 0, r.stderr
+    r = run(root, "classifier_guidance.py", "--T", 50, "--steps", 30, "--quiet", "--out", folder / "twopixel_classifier_T50.pt")
     assert r.returncode == 0, r.stderr
     return folder
 
@@ -30,7 +32,8 @@ def test_all_tasks_write_their_files_and_repeat(root, tiny_dir, tmp_path):
         outs.append(figures)
     expected = ["twopixel_trajectory.png", "twopixel_trajectory.json", "twopixel_tsweep.png", "twopixel_tsweep_oracle.png",
                 "twopixel_tsweep.json", "twopixel_guidance.png", "twopixel_guidance.json", "twopixel_loss.png",
-                "twopixel_loss.json", "report.pdf"]
+                "twopixel_loss.json", "twopixel_fast_sampling.png", "twopixel_fast_sampling.json", "twopixel_classifier_guidance.png",
+                "twopixel_classifier_guidance.json", "report.pdf"]
     for f in expected:
         assert (outs[0] / f).stat().st_size > 0, f
     for f in expected:
@@ -38,7 +41,16 @@ def test_all_tasks_write_their_files_and_repeat(root, tiny_dir, tmp_path):
             assert json.loads((outs[0] / f).read_text()) == json.loads((outs[1] / f).read_text()), f
     sweep = json.loads((outs[0] / "twopixel_tsweep.json").read_text())
     assert set(sweep["by_T"]) == {"5", "10", "25", "50"}
+    fast = json.loads((outs[0] / "twopixel_fast_sampling.json").read_text())
+    assert set(fast["by_sampler"]) == {"ddpm_learned", "ddpm_oracle", "ddim_learned", "ddim_oracle"}
+    assert all(len(v["energy_distance"]) == len(fast["steps"]) for v in fast["by_sampler"].values())
     assert (outs[0] / "report.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_animate_writes_a_gif(root, tiny_dir, tmp_path):
+    r = run(root, "visualize.py", "--task", "animate", "--checkpoint-dir", tiny_dir, "--figures", tmp_path, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "twopixel_flow.gif").read_bytes()[:6] == b"GIF89a"
 
 
 def test_figure_task_errors(root, tmp_path):
