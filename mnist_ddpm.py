@@ -684,10 +684,14 @@ def plot_evaluation(result, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    settings = sorted({entry_key(e, result["T"])[1:] for e in result["by_w"]}, key=lambda s: (s[0], -s[1]))
+    keys = [entry_key(e, result["T"]) for e in result["by_w"]]
+    ws_with_steps = sorted({w for w, _, steps in keys if steps != result["T"]})
+    fig, axes = plt.subplots(1, 4 if ws_with_steps else 3, figsize=(16 if ws_with_steps else 12, 3.6))
+    settings = sorted({key[1:] for key in keys}, key=lambda s: (s[0], -s[1]))
     for sampler, steps in settings:
         entries = sorted((e for e in result["by_w"] if entry_key(e, result["T"])[1:] == (sampler, steps)), key=lambda e: e["w"])
+        if len(entries) == 1 and steps != result["T"]:
+            continue  # a single point: shown against the number of steps instead
         ws = [e["w"] for e in entries]
         label = f"{sampler.upper()}, {steps} steps"
         axes[0].plot(ws, [100 * e["accuracy"] for e in entries], "-o", label=label)
@@ -697,9 +701,23 @@ def plot_evaluation(result, out):
     axes[1].axhline(result["frechet_floor_train_vs_test"], color="k", ls="--", lw=1, label="floor: real train vs test")
     axes[1].axhline(1.5 * result["frechet_floor_train_vs_test"], color="grey", ls=":", lw=1, label="target: 1.5 x floor")
     axes[2].axhline(80, color="grey", ls=":", lw=1, label="target 80%")
+    if ws_with_steps:  # Frechet distance against the number of sampling steps, at each w that has several
+        for w in ws_with_steps:
+            for sampler in utils.SAMPLERS:
+                points = sorted((k[2], e["frechet_distance"]) for k, e in zip(keys, result["by_w"]) if k[:2] == (w, sampler))
+                if points:
+                    axes[3].plot(*zip(*points), "-o", label=f"{sampler.upper()}, w = {w:g}")
+        axes[3].axhline(result["frechet_floor_train_vs_test"], color="k", ls="--", lw=1, label="floor")
+        axes[3].set_xscale("log")
+        axes[3].minorticks_off()
+        steps = sorted({k[2] for k in keys})
+        axes[3].set_xticks(steps, [str(k) for k in steps])
+        axes[3].set_xlabel("sampling steps")
+        axes[3].set_title("Frechet distance against sampling steps", fontsize=9)
+        axes[3].legend(fontsize=7)
     titles = ("classified as the requested digit (%)", "Frechet distance to real test digits",
               "within-class diversity, % of real")
-    for ax, title in zip(axes, titles):
+    for ax, title in zip(axes[:3], titles):
         ax.set_xlabel("guidance strength w")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)

@@ -1,12 +1,14 @@
 """Sample from the shipped two-pixel checkpoints and draw the figures.
 
-    python visualize.py --task all          # every figure below, from checkpoints/twopixel_T*.pt
+    python visualize.py --task all          # the handout's figures and the report, from checkpoints/twopixel_T*.pt
     python visualize.py --task trajectory   # figures/twopixel_trajectory.png (T = 50)
     python visualize.py --task tsweep       # figures/twopixel_tsweep.png and _oracle.png (T = 5, 10, 25, 50)
     python visualize.py --task guidance     # figures/twopixel_guidance.png
     python visualize.py --task loss         # figures/twopixel_loss.png
     python visualize.py --task fast         # figures/twopixel_fast_sampling.png (T = 200: strided DDPM, DDIM)
     python visualize.py --task classifier   # figures/twopixel_classifier_guidance.png (T = 50)
+    python visualize.py --task schedules    # figures/twopixel_schedules.png (cosine against linear)
+    python visualize.py --task studies      # fast, classifier and schedules
     python visualize.py --task animate      # figures/twopixel_flow.gif: the point cloud from noise to data
     python visualize.py --task report       # figures/report.pdf: README's results, one problem per page
     python visualize.py --task samples --T 50 --n 5000 --seed 0 --out samples.npy
@@ -25,7 +27,8 @@ import train
 import utils
 from gmm import TwoPixelGMM
 
-TASKS = ("samples", "trajectory", "tsweep", "guidance", "loss", "fast", "classifier", "animate", "report", "all")
+TASKS = ("samples", "trajectory", "tsweep", "guidance", "loss", "fast", "classifier", "schedules", "animate", "report",
+         "all", "studies")
 SWEEP_T = (5, 10, 25, 50)
 DATA_BOX = (-0.15, 1.25)  # the pixel-value window of every panel that shows x_0
 # Every two-pixel chain clips its predicted clean point x0_hat to this box, 7.5 standard
@@ -38,8 +41,9 @@ CLIP_X0 = (-0.5, 1.5)
 def build_parser():
     p = utils.ArgumentParser(description=__doc__, formatter_class=utils.argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=TASKS, required=True,
-                   help="what to make: a figure (trajectory, tsweep, guidance, loss, fast, classifier), animate (GIF), report (PDF), all "
-                        "(every figure of the report, then the report), "
+                   help="what to make: a figure (trajectory, tsweep, guidance, loss; studies: fast, classifier, schedules), "
+                        "animate (GIF), report (PDF), all (the handout's figures, then the report), studies (the three "
+                        "studies), "
                         "or samples (an (n, 2) float32 array of pixel values)")
     p.add_argument("--figures", default="figures", help="directory for figures and their JSON (default figures)")
     p.add_argument("--checkpoint-dir", default="checkpoints", help="folder of the twopixel_T{T}.pt checkpoints (default checkpoints)")
@@ -98,7 +102,8 @@ def task_samples(args, device):
 # Shared drawing pieces
 # ----------------------------------------------------------------------------------
 def needed_checkpoints(tasks):
-    needs = {"trajectory": (50,), "tsweep": SWEEP_T, "guidance": (50,), "loss": SWEEP_T, "fast": (FAST_T, *SWEEP_T), "classifier": (50,), "animate": (50,)}
+    needs = {"trajectory": (50,), "tsweep": SWEEP_T, "guidance": (50,), "loss": SWEEP_T, "fast": (FAST_T, *SWEEP_T),
+             "classifier": (50,), "schedules": SWEEP_T, "animate": (50,)}
     return sorted({T for task in tasks for T in needs.get(task, ())})
 
 
@@ -388,6 +393,57 @@ def task_fast(args, device, n=5000):
     utils.save_json(out.replace(".png", ".json"), numbers)
 
 
+def task_schedules(args, device, n=5000):
+    """Linear against cosine schedule at T = 5, 10, 25, 50: energy distance of the learned
+    models and of the oracle with the same sampler (linear models in <checkpoint-dir>/linear)."""
+    import matplotlib.pyplot as plt
+    gmm = TwoPixelGMM()
+    truth = true_density(gmm, DATA_BOX)
+    numbers = {"n": n, "seed": args.seed, "by_schedule": {}}
+    linear_samples = {}
+    for schedule, folder in (("cosine", args.checkpoint_dir), ("linear", os.path.join(args.checkpoint_dir, "linear"))):
+        rows = {}
+        for T in SWEEP_T:
+            model, diffusion, _ = train.load_model(train.default_checkpoint(T, folder), T, device)
+            if diffusion.schedule != schedule:
+                raise utils.UserError(f"{train.default_checkpoint(T, folder)} uses the {diffusion.schedule} schedule, "
+                                      f"not {schedule}")
+            stats, learned, _ = sample_quality(model, diffusion, args.seed, n, device)
+            stats["alpha_bar_T"] = diffusion.alphas_cumprod[-1].item()
+            rows[str(T)] = {k: v for k, v in stats.items() if not k.startswith("per_class")}
+            if schedule == "linear":
+                linear_samples[T] = learned.numpy()
+        numbers["by_schedule"][schedule] = rows
+    fig, axes = plt.subplots(1, 1 + len(SWEEP_T), figsize=(4.2 * (1 + len(SWEEP_T)), 4.2))
+    for schedule, colour in (("cosine", "C0"), ("linear", "C3")):
+        rows = numbers["by_schedule"][schedule]
+        axes[0].plot(SWEEP_T, [rows[str(T)]["energy_distance_learned"] for T in SWEEP_T], "-o", color=colour,
+                     label=f"{schedule}, learned")
+        axes[0].plot(SWEEP_T, [rows[str(T)]["energy_distance_oracle"] for T in SWEEP_T], "--", color=colour,
+                     label=f"{schedule}, oracle eps*")
+    axes[0].set_xscale("log")
+    axes[0].set_yscale("log")
+    axes[0].minorticks_off()
+    axes[0].set_xticks(SWEEP_T, [str(T) for T in SWEEP_T])
+    axes[0].set_xlabel("T")
+    axes[0].set_ylabel("energy distance to the ground truth")
+    axes[0].legend(fontsize=7)
+    axes[0].set_title("DDPM with T steps, two schedules", fontsize=9)
+    for ax, T in zip(axes[1:], SWEEP_T):
+        show_density(ax, truth, DATA_BOX, None, cmap="Greys")
+        x = linear_samples[T]
+        ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.3, color="C3")
+        abar_T = numbers["by_schedule"]["linear"][str(T)]["alpha_bar_T"]
+        ax.set_title(f"linear schedule, T={T}: abar_T = {abar_T:.2f}", fontsize=9)
+        label_axes(ax, left=False)
+    fig.suptitle("Cosine against linear schedule (beta from 1e-4 to 0.02); samples of the linear-schedule models "
+                 "over the true PDF, fixed axes", fontsize=10)
+    fig.tight_layout()
+    out = os.path.join(args.figures, "twopixel_schedules.png")
+    utils.save_figure(fig, out)
+    utils.save_json(out.replace(".png", ".json"), numbers)
+
+
 GUIDANCE_SCALES = (1.0, 2.0, 3.0, 5.0, 9.0)  # classifier-guidance scale s; classifier-free w = s - 1
 
 
@@ -536,9 +592,10 @@ def task_report(args, device, readme=README):
 
 
 FIGURE_TASKS = {"trajectory": task_trajectory, "tsweep": task_tsweep, "guidance": task_guidance,
-                "loss": task_loss, "fast": task_fast, "classifier": task_classifier, "report": task_report,
-                "animate": task_animate}
-ALL = ("trajectory", "tsweep", "guidance", "loss", "fast", "classifier", "report")  # --task all: the report's figures and the report
+                "loss": task_loss, "fast": task_fast, "classifier": task_classifier, "schedules": task_schedules,
+                "report": task_report, "animate": task_animate}
+GROUPS = {"all": ("trajectory", "tsweep", "guidance", "loss", "report"),  # the handout's figures, then the report
+          "studies": ("fast", "classifier", "schedules")}  # the studies beyond the handout
 
 
 def main():
@@ -548,11 +605,17 @@ def main():
         return task_samples(args, device)
     import matplotlib
     matplotlib.use("Agg")
-    tasks = list(ALL) if args.task == "all" else [args.task]
+    tasks = list(GROUPS.get(args.task, [args.task]))
     # fail before any work if a needed checkpoint is missing or the figures directory is unwritable
     utils.ensure_writable_dir(os.path.join(args.figures, "x"))
     for T in needed_checkpoints(tasks):
         train.load_model(train.default_checkpoint(T, args.checkpoint_dir), T)
+    if "schedules" in tasks:
+        folder = os.path.join(args.checkpoint_dir, "linear")
+        for T in SWEEP_T:
+            if not os.path.exists(train.default_checkpoint(T, folder)):
+                raise utils.UserError(f"{train.default_checkpoint(T, folder)} not found; create the linear-schedule models with "
+                                      f"`python train.py --T 5 10 25 50 --schedule linear --checkpoint-dir {folder}`")
     if "classifier" in tasks:
         import classifier_guidance
         classifier_guidance.load_classifier(classifier_guidance.default_checkpoint(50, args.checkpoint_dir), 50)

@@ -18,6 +18,9 @@ def tiny_dir(root, tmp_path_factory):
     r = run(root, "train.py", "--T", 5, 10, 25, 50, 200, "--steps", 30, "--batch-size", 64, "--channels", 8, 32,
             "--log-every", 10, "--quiet", "--checkpoint-dir", folder)
     assert r.returncode == 0, r.stderr
+    r = run(root, "train.py", "--T", 5, 10, 25, 50, "--schedule", "linear", "--steps", 30, "--batch-size", 64,
+            "--channels", 8, 32, "--log-every", 10, "--quiet", "--checkpoint-dir", folder / "linear")
+    assert r.returncode == 0, r.stderr
     r = run(root, "classifier_guidance.py", "--T", 50, "--steps", 30, "--quiet", "--out", folder / "twopixel_classifier_T50.pt")
     assert r.returncode == 0, r.stderr
     return folder
@@ -32,8 +35,7 @@ def test_all_tasks_write_their_files_and_repeat(root, tiny_dir, tmp_path):
         outs.append(figures)
     expected = ["twopixel_trajectory.png", "twopixel_trajectory.json", "twopixel_tsweep.png", "twopixel_tsweep_oracle.png",
                 "twopixel_tsweep.json", "twopixel_guidance.png", "twopixel_guidance.json", "twopixel_loss.png",
-                "twopixel_loss.json", "twopixel_fast_sampling.png", "twopixel_fast_sampling.json", "twopixel_classifier_guidance.png",
-                "twopixel_classifier_guidance.json", "report.pdf"]
+                "twopixel_loss.json", "report.pdf"]
     for f in expected:
         assert (outs[0] / f).stat().st_size > 0, f
     for f in expected:
@@ -41,10 +43,23 @@ def test_all_tasks_write_their_files_and_repeat(root, tiny_dir, tmp_path):
             assert json.loads((outs[0] / f).read_text()) == json.loads((outs[1] / f).read_text()), f
     sweep = json.loads((outs[0] / "twopixel_tsweep.json").read_text())
     assert set(sweep["by_T"]) == {"5", "10", "25", "50"}
-    fast = json.loads((outs[0] / "twopixel_fast_sampling.json").read_text())
+    assert (outs[0] / "report.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_studies_write_their_files(root, tiny_dir, tmp_path):
+    r = run(root, "visualize.py", "--task", "studies", "--checkpoint-dir", tiny_dir, "--figures", tmp_path, "--quiet")
+    assert r.returncode == 0, r.stderr
+    for name in ("fast_sampling", "classifier_guidance", "schedules"):
+        assert (tmp_path / f"twopixel_{name}.png").stat().st_size > 0
+    fast = json.loads((tmp_path / "twopixel_fast_sampling.json").read_text())
     assert set(fast["by_sampler"]) == {"ddpm_learned", "ddpm_oracle", "ddim_learned", "ddim_oracle"}
     assert all(len(v["energy_distance"]) == len(fast["steps"]) for v in fast["by_sampler"].values())
-    assert (outs[0] / "report.pdf").read_bytes()[:4] == b"%PDF"
+    guided = json.loads((tmp_path / "twopixel_classifier_guidance.json").read_text())
+    assert len(guided["by_method"]) == 3 and all(len(rows) == len(guided["scales"]) for rows in guided["by_method"].values())
+    schedules = json.loads((tmp_path / "twopixel_schedules.json").read_text())
+    # the linear schedule of Ho et al. does not reach noise at small T; the cosine one does
+    assert schedules["by_schedule"]["linear"]["5"]["alpha_bar_T"] > 0.9
+    assert schedules["by_schedule"]["cosine"]["5"]["alpha_bar_T"] < 1e-3
 
 
 def test_animate_writes_a_gif(root, tiny_dir, tmp_path):
