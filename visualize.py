@@ -577,12 +577,15 @@ def task_report(args, device, readme=README):
                         lines += textwrap.wrap(" ".join(para.split()), 105) + [""]
                 fig = plt.figure(figsize=(8.27, 11.69))  # A4
                 fig.text(0.06, 0.97, title.strip(), fontsize=13, weight="bold", va="top")
-                fig.text(0.06, 0.94, "\n".join(lines), fontsize=7, va="top", family="monospace")
-                text_h = 0.03 + 0.0125 * len(lines)
-                if images:
-                    h = (0.92 - text_h) / len(images)
+                fig.text(0.06, 0.94, "\n".join(lines), fontsize=6.5, va="top", family="monospace")
+                text_h = 0.03 + 0.0116 * len(lines)
+                if images:  # one column of images, or two when there are more than two
+                    cols = 1 if len(images) <= 2 else 2
+                    rows = -(-len(images) // cols)
+                    h, w = (0.92 - text_h) / rows, 0.92 / cols
                     for k, path in enumerate(images):
-                        ax = fig.add_axes([0.04, 0.92 - text_h - (k + 1) * h, 0.92, h * 0.97])
+                        r, c = divmod(k, cols)
+                        ax = fig.add_axes([0.04 + c * w, 0.92 - text_h - (r + 1) * h, w * 0.97, h * 0.97])
                         ax.imshow(mpimg.imread(image(path)))
                         ax.axis("off")
                 pdf.savefig(fig)

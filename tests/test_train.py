@@ -23,3 +23,13 @@ def test_tiny_training_run_lowers_the_validation_loss(tmp_path):
     assert val[-1] < 0.5 * untrained
     assert val[-1] < val[0]
     assert val[-1] - floor < 0.25 * (untrained - floor)
+
+
+def test_the_same_seed_trains_the_same_weights(tmp_path):
+    # a full-size batch, so that the CPU kernels run on several threads
+    weights = []
+    for name in ("a", "b"):
+        args = train.parse_args(["--T", "5", "--steps", "20", "--batch-size", "1024", "--quiet",
+                                 "--out", str(tmp_path / f"{name}.pt")])
+        weights.append(torch.load(train.train_one(5, args, torch.device("cpu")), weights_only=True)["model"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
