@@ -685,13 +685,14 @@ def plot_evaluation(result, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     keys = [entry_key(e, result["T"]) for e in result["by_w"]]
-    ws_with_steps = sorted({w for w, _, steps in keys if steps != result["T"]})
+    # the w values evaluated at three or more step counts get a panel against the steps
+    ws_with_steps = sorted({w for w, _, _ in keys if len({k[2] for k in keys if k[0] == w}) > 2})
     fig, axes = plt.subplots(1, 4 if ws_with_steps else 3, figsize=(16 if ws_with_steps else 12, 3.6))
     settings = sorted({key[1:] for key in keys}, key=lambda s: (s[0], -s[1]))
     for sampler, steps in settings:
         entries = sorted((e for e in result["by_w"] if entry_key(e, result["T"])[1:] == (sampler, steps)), key=lambda e: e["w"])
         if len(entries) == 1 and steps != result["T"]:
-            continue  # a single point: shown against the number of steps instead
+            continue  # a single point: shown against the number of steps
         ws = [e["w"] for e in entries]
         label = f"{sampler.upper()}, {steps} steps"
         axes[0].plot(ws, [100 * e["accuracy"] for e in entries], "-o", label=label)
@@ -706,7 +707,8 @@ def plot_evaluation(result, out):
             for sampler in utils.SAMPLERS:
                 points = sorted((k[2], e["frechet_distance"]) for k, e in zip(keys, result["by_w"]) if k[:2] == (w, sampler))
                 if points:
-                    axes[3].plot(*zip(*points), "-o", label=f"{sampler.upper()}, w = {w:g}")
+                    axes[3].plot(*zip(*points), "-o", label=f"{sampler.upper()}, w = {w:g}",
+                                 color="C0" if sampler == "ddim" else "C1")
         axes[3].axhline(result["frechet_floor_train_vs_test"], color="k", ls="--", lw=1, label="floor")
         axes[3].set_xscale("log")
         axes[3].minorticks_off()
