@@ -1,6 +1,6 @@
 """Classifier guidance on two pixels: a small classifier of noisy points, p(y | x_t, t).
 
-    python classifier_guidance.py          # trains it for T = 50: checkpoints/twopixel_classifier_T50.pt (about 15 s)
+    python classifier_guidance.py          # trains it for T = 50: checkpoints/twopixel_classifier_T50.pt (about 5 s)
     python visualize.py --task classifier  # figures/twopixel_classifier_guidance.png, against the exact Bayes classifier
 
 Classifier guidance (Dhariwal & Nichol 2021) steers the unconditional model with the

@@ -110,10 +110,12 @@ class TwoPixelUNet(nn.Module):
         t_u = key // (self.config.num_classes + 1)
         y_u = None if y is None else key % (self.config.num_classes + 1) - 1
         emb = self.embed(t_u, y_u)
-        # Gather each sample's row as a product with a one-hot matrix rather than by indexing:
-        # the same values, but the backward pass is a matrix product, which sums in a fixed
-        # order, whereas indexing's backward adds rows in whatever order the threads reach
-        # them, and training would then differ between runs in the last bits.
+        if not torch.is_grad_enabled():
+            return [dense(emb)[index, :, None] for dense in (self.dense1, self.dense2, self.dense3)]
+        # In training, gather each sample's row as a product with a one-hot matrix rather than
+        # by indexing: the same values, but the backward pass is a matrix product, which sums
+        # in a fixed order, whereas indexing's backward adds rows in whatever order the threads
+        # reach them, and training would then differ between runs in the last bits.
         pick = nn.functional.one_hot(index, len(key)).to(emb.dtype)  # (B, distinct pairs)
         return [(pick @ dense(emb))[:, :, None] for dense in (self.dense1, self.dense2, self.dense3)]
 

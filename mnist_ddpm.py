@@ -627,28 +627,33 @@ def cmd_evaluate(args, device):
     floors = [frechet_distance(feats(per_class(*train, args.n, gen)[0]), f_test) for _ in range(FLOOR_DRAWS)]
     real_div = [mean_pairwise_distance(f_test[test_y == k]) for k in range(10)]
     result = {"checkpoint": args.checkpoint, "T": diffusion.T, "n_per_digit": args.n, "seed": args.seed,
-              "classifier_test_accuracy": clf_ckpt["train"]["test_accuracy"],
+              "model": model_fingerprint(ckpt), "classifier_test_accuracy": clf_ckpt["train"]["test_accuracy"],
               "frechet_floor_train_vs_test": float(np.mean(floors)), "frechet_floor_draws": floors,
               "real_diversity_per_digit": real_div, "by_w": []}
     if args.steps is not None and args.steps > diffusion.T:
         raise utils.UserError(f"--steps {args.steps} is more than the model's T={diffusion.T}")
     steps = args.steps or diffusion.T
-    # An earlier run into the same file with the same model, n, seed and classifier (the floor
-    # fingerprints them) keeps its entries: only new (w, sampler, steps) settings are sampled.
+    # An earlier run into the same file with the same model (its training record), n, seed and
+    # classifier and data (the floor fingerprints them) keeps its entries: only new
+    # (w, sampler, steps, eta) settings are sampled.
     kept = {}
     if os.path.exists(args.out):
         try:
-            earlier = json.load(open(args.out))
-            if all(earlier.get(k) == result[k] for k in ("checkpoint", "T", "n_per_digit", "seed", "frechet_floor_train_vs_test")):
+            with open(args.out) as f:
+                earlier = json.load(f)
+            same = ("checkpoint", "T", "n_per_digit", "seed", "model", "frechet_floor_train_vs_test")
+            if isinstance(earlier, dict) and all(earlier.get(k) == result[k] for k in same):
                 kept = {entry_key(e, diffusion.T): e for e in earlier["by_w"]}
-        except (ValueError, KeyError, TypeError):
-            pass  # not an earlier result of this command: start afresh
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+        if not kept:
+            print(f"{args.out} holds no results of this model and settings; it will be replaced", flush=True)
     labels = torch.arange(10).repeat_interleave(args.n)
-    todo = [(w, args.sampler, steps) for w in args.ws]
+    todo = [(w, args.sampler, steps, args.eta) for w in args.ws]
     result["by_w"] = [e for key, e in kept.items() if key not in todo]
-    for w, sampler, steps in todo:
-        if (w, sampler, steps) in kept:
-            entry = kept[(w, sampler, steps)]
+    for w, sampler, steps, eta in todo:
+        if (w, sampler, steps, eta) in kept:
+            entry = kept[(w, sampler, steps, eta)]
             print(f"w={w:g}, {sampler} {steps} steps: kept from {args.out}")
         else:
             t0 = time.perf_counter()
@@ -675,8 +680,13 @@ def cmd_evaluate(args, device):
 
 
 def entry_key(entry, T):
-    """(w, sampler, steps) of an evaluation entry; entries without a sampler are full DDPM."""
-    return entry["w"], entry.get("sampler", "ddpm"), entry.get("steps", T)
+    """(w, sampler, steps, eta) of an evaluation entry; entries without a sampler are full DDPM."""
+    return entry["w"], entry.get("sampler", "ddpm"), entry.get("steps", T), entry.get("eta", 0.0)
+
+
+def model_fingerprint(ckpt):
+    """What tells one training run of the diffusion model from another: its training record."""
+    return {k: ckpt["train"][k] for k in ("seed", "epochs_done", "seconds", "final_loss")}
 
 
 def plot_evaluation(result, out):
@@ -686,13 +696,13 @@ def plot_evaluation(result, out):
     import matplotlib.pyplot as plt
     keys = [entry_key(e, result["T"]) for e in result["by_w"]]
     # the w values evaluated at three or more step counts get a panel against the steps
-    ws_with_steps = sorted({w for w, _, _ in keys if len({k[2] for k in keys if k[0] == w}) > 2})
+    ws_with_steps = sorted({k[0] for k in keys if len({j[2] for j in keys if j[0] == k[0]}) > 2})
     fig, axes = plt.subplots(1, 4 if ws_with_steps else 3, figsize=(16 if ws_with_steps else 12, 3.6))
-    settings = sorted({key[1:] for key in keys}, key=lambda s: (s[0], -s[1]))
+    settings = sorted({key[1:3] for key in keys}, key=lambda s: (s[0], -s[1]))
     for sampler, steps in settings:
-        entries = sorted((e for e in result["by_w"] if entry_key(e, result["T"])[1:] == (sampler, steps)), key=lambda e: e["w"])
-        if len(entries) == 1 and steps != result["T"]:
-            continue  # a single point: shown against the number of steps
+        entries = sorted((e for e in result["by_w"] if entry_key(e, result["T"])[1:3] == (sampler, steps)), key=lambda e: e["w"])
+        if len(entries) == 1 and entries[0]["w"] in ws_with_steps:
+            continue  # a single point, shown in the panel against the number of steps
         ws = [e["w"] for e in entries]
         label = f"{sampler.upper()}, {steps} steps"
         axes[0].plot(ws, [100 * e["accuracy"] for e in entries], "-o", label=label)
@@ -809,7 +819,8 @@ def build_parser():
                                    "Frechet distance to real test digits in the classifier's feature space (beside the "
                                    "real-train vs real-test floor), and within-class diversity; saved as JSON.")
     q.add_argument("--ws", type=utils.guidance_strength, nargs="+", default=[0.0, DEFAULT_W],
-                   help=f"guidance strengths; each costs about 5 (w = 0) or 9 minutes on 2 CPU cores (default 0 {DEFAULT_W:g})")
+                   help=f"guidance strengths; with 200 DDPM steps each costs about 5 (w = 0) or 9 minutes on 2 CPU cores, "
+                        f"with 50 DDIM steps 1 or 2 minutes (default 0 {DEFAULT_W:g})")
     q.add_argument("--n", type=utils.positive_int, default=100, help="samples per digit (default 100)")
     q.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help=f"classifier checkpoint (default {DEFAULT_CLASSIFIER})")
     q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with the real digits (default {DEFAULT_DATA})")

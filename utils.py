@@ -505,9 +505,9 @@ eta_value = number_type(float, lambda v: 0 <= v <= 1, "a DDIM noise scale eta in
 seed_value = number_type(int, lambda v: 0 <= v < 2**63, "a seed in [0, 2^63)")
 
 
-def add_sampler_flags(parser):
+def add_sampler_flags(parser, title="sampler"):
     """--sampler, --steps and --eta, for every command that samples."""
-    g = parser.add_argument_group("sampler")
+    g = parser.add_argument_group(title)
     g.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
                    help="ddpm: the stochastic DDPM reverse process; ddim: DDIM (deterministic with --eta 0) (default ddpm)")
     g.add_argument("--steps", type=positive_int, default=None,

@@ -58,7 +58,7 @@ def build_parser():
                    help="classifier-free guidance strength with --label: 0 plain conditional, >0 pushes harder toward the class, "
                         "-1 ignores the label (unconditional); values below -1 are refused (default 0)")
     g.add_argument("--out", default=None, help="where --task samples writes its .npy file")
-    utils.add_sampler_flags(p)
+    utils.add_sampler_flags(p, "sampler (--task samples)")
     utils.add_common_flags(p)
     return p
 
@@ -72,6 +72,8 @@ def parse_args(argv=None):
         p.error("--w needs --label: guidance pushes toward a class")
     if args.eta and args.sampler != "ddim":
         p.error("--eta applies to --sampler ddim only")
+    if args.task != "samples" and (args.sampler != "ddpm" or args.steps is not None):
+        p.error("--sampler and --steps apply to --task samples only; the figures fix their own samplers")
     return args
 
 
