@@ -121,9 +121,11 @@ def test_grid_trajectory_classifier_and_evaluate_write_their_files(root, tiny_ck
     clf = tmp_path / "clf.pt"
     r = run(root, "classifier", "--epochs", 1, "--data", small_data, "--out", clf, "--quiet")
     assert r.returncode == 0, r.stderr
+    (tmp_path / "eval.json").write_text("[]")  # not results of this command: replaced, not an error
     r = run(root, "evaluate", "--checkpoint", tiny_ckpt, "--classifier", clf, "--data", small_data, "--n", 4,
             "--ws", 0, 1, "--out", tmp_path / "eval.json", "--quiet")
     assert r.returncode == 0, r.stderr
+    assert "will be replaced" in r.stdout
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert [e["w"] for e in ev["by_w"]] == [0.0, 1.0]
     assert all(0 <= e["accuracy"] <= 1 and e["frechet_distance"] >= 0 for e in ev["by_w"])
