@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 import utils
-from ddpm import GaussianFourierProjection
+from ddpm import GaussianFourierProjection, TwoPixelUNetConfig, precondition
 from gmm import TwoPixelGMM
 
 KIND = "twopixel_classifier"
@@ -40,8 +40,8 @@ class NoisyClassifier(nn.Module):
                                  nn.Linear(hidden, num_classes))
 
     def forward(self, x_t, t):
-        abar = self.alphas_cumprod[t][:, None]
-        x = (x_t.reshape(-1, 2) - abar.sqrt() * 0.5) / (abar * 0.25 ** 2 + 1 - abar).sqrt()
+        config = TwoPixelUNetConfig  # the same data scale as the UNet's
+        x = precondition(x_t.reshape(-1, 2), self.alphas_cumprod[t][:, None], config.data_mean, config.data_std)
         return self.net(torch.cat([x, self.fourier((t.float() + 1) / len(self.alphas_cumprod))], dim=-1))
 
     def score(self, x_t, t, y):
@@ -58,6 +58,13 @@ def exact_score(gmm, alphas_cumprod):
     return lambda x_t, t, y: gmm.class_score(x_t.reshape(-1, 2), alphas_cumprod[t], y).reshape(x_t.shape)
 
 
+def noisy_points(gmm, diffusion, n, gen):
+    """n ground-truth points noised to uniformly drawn steps: x_t (n, 1, 2), t (n,), labels y (n,)."""
+    x_0, y = gmm.sample(n, gen)
+    t = torch.randint(0, diffusion.T, (n,), generator=gen)
+    return diffusion.q_sample(x_0[:, None], t, torch.randn(n, 1, 2, generator=gen)), t, y
+
+
 def train_classifier(T=50, steps=1500, batch_size=1024, lr=3e-3, seed=0, progress=True, device="cpu"):
     """Train a NoisyClassifier on fresh ground-truth points noised to random steps.
     Returns (classifier in eval mode, record with its loss and the exact classifier's on a fixed set)."""
@@ -69,9 +76,7 @@ def train_classifier(T=50, steps=1500, batch_size=1024, lr=3e-3, seed=0, progres
     gen = utils.make_generator(seed)
     start = time.perf_counter()
     for step in tqdm(range(steps), desc=f"classifier T={T}", disable=not progress):
-        x_0, y = gmm.sample(batch_size, gen)
-        t = torch.randint(0, T, (batch_size,), generator=gen)
-        x_t = diffusion.q_sample(x_0[:, None], t, torch.randn(batch_size, 1, 2, generator=gen))
+        x_t, t, y = noisy_points(gmm, diffusion, batch_size, gen)
         for group in optimizer.param_groups:
             group["lr"] = utils.cosine_lr(step, steps, lr, warmup=50)
         loss = F.cross_entropy(clf(x_t.to(device), t.to(device)), y.to(device))
@@ -80,10 +85,7 @@ def train_classifier(T=50, steps=1500, batch_size=1024, lr=3e-3, seed=0, progres
         optimizer.step()
     clf.eval()
     # a fixed validation set: the learned classifier's cross-entropy beside the Bayes classifier's
-    val = utils.make_generator(12_345)
-    x_0, y = gmm.sample(20_000, val)
-    t = torch.randint(0, T, (20_000,), generator=val)
-    x_t = diffusion.q_sample(x_0[:, None], t, torch.randn(20_000, 1, 2, generator=val))
+    x_t, t, y = noisy_points(gmm, diffusion, 20_000, utils.make_generator(12_345))
     with torch.no_grad():
         val_loss = F.cross_entropy(clf(x_t.to(device), t.to(device)).cpu(), y).item()
     bayes = F.nll_loss(gmm.class_log_posterior(x_t.reshape(-1, 2), diffusion.alphas_cumprod[t]).float(), y).item()

@@ -73,6 +73,12 @@ class TwoPixelUNetConfig:
     data_std: float = 0.25      # ... and divided by its std sqrt(abar * data_std^2 + 1 - abar)
 
 
+def precondition(x_t, abar, data_mean, data_std):
+    """Input preconditioning: x_t at about zero mean and unit scale at every step, for data of
+    the given mean and std per pixel: (x_t - sqrt(abar) mean) / sqrt(abar std^2 + 1 - abar)."""
+    return (x_t - abar.sqrt() * data_mean) / (abar * data_std**2 + 1 - abar).sqrt()
+
+
 class TwoPixelUNet(nn.Module):
     """The conditional two-block UNet of the handout. See the module docstring for the layout."""
 
@@ -122,9 +128,7 @@ class TwoPixelUNet(nn.Module):
     def forward(self, x_t, t, y=None):
         cfg = self.config
         e1, e2, e3 = self.embeddings(t, y)
-        # Input preconditioning: give the network x_t at zero mean and unit scale at every t.
-        abar = self.alphas_cumprod[t][:, None, None]
-        h = (x_t - abar.sqrt() * cfg.data_mean) / (abar * cfg.data_std**2 + 1 - abar).sqrt()
+        h = precondition(x_t, self.alphas_cumprod[t][:, None, None], cfg.data_mean, cfg.data_std)
         h1 = self.act(self.norm1(self.conv1(h) + e1))
         h2 = self.act(self.norm2(self.conv2(h1) + e2))
         h = self.act(self.norm3(self.tconv2(h2) + e3))

@@ -314,8 +314,7 @@ def cmd_sample(args, device):
         raise utils.UserError(f"--out {args.out}: the samples file must end in .npy")
     utils.ensure_writable_dir(args.out)
     model, diffusion, _ = load_unet(args.checkpoint, args.T, device)
-    if args.steps is not None and args.steps > diffusion.T:
-        raise utils.UserError(f"--steps {args.steps} is more than the model's T={diffusion.T}")
+    utils.check_steps(args.steps, diffusion)
     x = draw(model, diffusion, torch.full((args.n,), args.label), args.w, args.seed, device, not args.quiet,
              args.sampler, args.steps, args.eta)
     utils.save_npy(args.out, x.numpy().astype(np.float32))
@@ -333,15 +332,9 @@ def cmd_animate(args, device, every=4, hold=8):
     utils.ensure_writable_dir(args.out)
     model, diffusion, _ = load_unet(args.checkpoint, args.T, device)
     T = diffusion.T
-    labels = torch.arange(10, device=device)
-    gen = utils.make_generator(args.seed, device)
-    x = torch.randn(10, 1, 28, 28, generator=gen, device=device)
-    frames = [(T, to_pixels(x)[:, 0].cpu(), None)]
-    with torch.no_grad():
-        chain = diffusion.p_sample_loop_progressive(model, x, labels, args.w, gen, not args.quiet, CLIP)
-        for t, (x, x0_hat) in zip(range(T - 1, -1, -1), chain):
-            if t % every == 0:
-                frames.append((t, to_pixels(x)[:, 0].cpu(), to_pixels(x0_hat)[:, 0].cpu()))
+    xs, x0_hats = denoise_chain(model, diffusion, torch.arange(10), args.w, args.seed, device, not args.quiet)
+    # frames at t = T (no prediction yet), then every `every` steps down to 0; x0_hats[t] is made from x_{t+1}
+    frames = [(T, xs[T], None)] + [(t, xs[t], x0_hats[t]) for t in range(T - 1, -1, -1) if t % every == 0]
     fig, axes = plt.subplots(2, 10, figsize=(10, 2.6))
     images = [[ax.imshow(np.zeros((28, 28)), cmap="gray", vmin=0, vmax=1) for ax in row] for row in axes]
     for ax in axes.flat:
@@ -425,6 +418,20 @@ def formation(x0_hats, final):
     return settle, share
 
 
+def denoise_chain(model, diffusion, labels, w, seed, device, progress=False):
+    """The whole DDPM chain for the given digits, in pixel units [0, 1] on the CPU:
+    xs (T + 1, n, 28, 28) with [t] = x_t, and x0_hats (T, n, 28, 28) with [k] the prediction
+    made from x_{k+1}. x_T and every z come from one generator seeded with `seed`."""
+    gen = utils.make_generator(seed, device)
+    x = torch.randn(len(labels), 1, 28, 28, generator=gen, device=device)
+    xs, x0_hats = [to_pixels(x)[:, 0].cpu()], []
+    with torch.no_grad():
+        for x, x0_hat in diffusion.p_sample_loop_progressive(model, x, labels.to(device), w, gen, progress, CLIP):
+            xs.append(to_pixels(x)[:, 0].cpu())
+            x0_hats.append(to_pixels(x0_hat)[:, 0].cpu())
+    return torch.stack(xs[::-1]), torch.stack(x0_hats[::-1])
+
+
 def cmd_trajectory(args, device):
     import matplotlib
     matplotlib.use("Agg")
@@ -432,17 +439,9 @@ def cmd_trajectory(args, device):
     utils.ensure_writable_dir(args.out)
     model, diffusion, _ = load_unet(args.checkpoint, args.T, device)
     T = diffusion.T
-    # n samples, digits 0-9 in turn, the shown one first; keep x_t and x0_hat at every step
-    labels = (torch.arange(args.n) + args.label) % 10
-    gen = utils.make_generator(args.seed, device)
-    x = torch.randn(args.n, 1, 28, 28, generator=gen, device=device)
-    xs, x0_hats = [to_pixels(x)[:, 0].cpu()], []
-    with torch.no_grad():
-        for x, x0_hat in diffusion.p_sample_loop_progressive(model, x, labels.to(device), args.w, gen, not args.quiet, CLIP):
-            xs.append(to_pixels(x)[:, 0].cpu())
-            x0_hats.append(to_pixels(x0_hat)[:, 0].cpu())
-    xs = torch.stack(xs[::-1])  # (T + 1, n, 28, 28), [t] = x_t
-    x0_hats = torch.stack(x0_hats[::-1])  # (T, n, 28, 28), [k] = prediction from x_{k+1}
+    # n samples, digits 0-9 in turn, the shown one first
+    xs, x0_hats = denoise_chain(model, diffusion, (torch.arange(args.n) + args.label) % 10, args.w, args.seed,
+                                device, not args.quiet)
     final = xs[0]
 
     # figure 1: one trajectory, x_t above and the predicted clean image below
@@ -615,6 +614,7 @@ def per_class(images, labels, n, gen=None):
 def cmd_evaluate(args, device):
     utils.ensure_writable_dir(args.out)
     model, diffusion, ckpt = load_unet(args.checkpoint, args.T, device)
+    utils.check_steps(args.steps, diffusion)
     clf, clf_ckpt = load_classifier(args.classifier, device)
     feats = lambda x: batched(clf.features, x.to(device)).cpu()
     gen = utils.make_generator(args.seed)
@@ -630,8 +630,6 @@ def cmd_evaluate(args, device):
               "model": model_fingerprint(ckpt), "classifier_test_accuracy": clf_ckpt["train"]["test_accuracy"],
               "frechet_floor_train_vs_test": float(np.mean(floors)), "frechet_floor_draws": floors,
               "real_diversity_per_digit": real_div, "by_w": []}
-    if args.steps is not None and args.steps > diffusion.T:
-        raise utils.UserError(f"--steps {args.steps} is more than the model's T={diffusion.T}")
     steps = args.steps or diffusion.T
     # An earlier run into the same file with the same model (its training record), n, seed and
     # classifier and data (the floor fingerprints them) keeps its entries: only new
@@ -736,7 +734,6 @@ def plot_evaluation(result, out):
     fig.suptitle(f"MNIST samples, {result['n_per_digit']} per digit (T={result['T']}, seed {result['seed']})", fontsize=10)
     fig.tight_layout()
     utils.save_figure(fig, out)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------

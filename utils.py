@@ -505,6 +505,12 @@ eta_value = number_type(float, lambda v: 0 <= v <= 1, "a DDIM noise scale eta in
 seed_value = number_type(int, lambda v: 0 <= v < 2**63, "a seed in [0, 2^63)")
 
 
+def check_steps(steps, diffusion):
+    """Refuse a --steps larger than the model's T (a sampler cannot take more steps than there are)."""
+    if steps is not None and steps > diffusion.T:
+        raise UserError(f"--steps {steps} is more than the model's T={diffusion.T}")
+
+
 def add_sampler_flags(parser, title="sampler"):
     """--sampler, --steps and --eta, for every command that samples."""
     g = parser.add_argument_group(title)

@@ -93,8 +93,7 @@ def task_samples(args, device):
     utils.ensure_writable_dir(args.out)
     path = args.checkpoint or train.default_checkpoint(args.T, args.checkpoint_dir)
     model, diffusion, _ = train.load_model(path, args.T, device)
-    if args.steps is not None and args.steps > diffusion.T:
-        raise utils.UserError(f"--steps {args.steps} is more than the model's T={diffusion.T}")
+    utils.check_steps(args.steps, diffusion)
     x = draw_samples(model, diffusion, args.n, args.seed, args.label, args.w, device, args.sampler, args.steps, args.eta)
     utils.save_npy(args.out, x.numpy().astype(np.float32))
     print(f"wrote {args.out}: {args.n} samples from {path}")
@@ -157,6 +156,14 @@ def load_fig_model(args, T, device):
     return model, diffusion
 
 
+def ground_truth_reference(gmm, n, seed):
+    """n fresh ground-truth points to measure samples against, and the energy distance between
+    them and a second such sample (the floor no sampler can beat at this n)."""
+    ref, _ = gmm.sample(n, utils.make_generator(10_000 + seed))
+    other, _ = gmm.sample(n, utils.make_generator(20_000 + seed))
+    return ref, utils.energy_distance(other, ref)
+
+
 def sample_quality(model, diffusion, seed, n=5000, device="cpu"):
     """Energy distance to fresh ground truth for the learned model and the exact oracle run
     with the same sampler, x_T and z, next to the floor between two ground-truth samples,
@@ -165,12 +172,11 @@ def sample_quality(model, diffusion, seed, n=5000, device="cpu"):
     oracle = gmm.oracle(diffusion.alphas_cumprod)
     learned = draw_samples(model, diffusion, n, seed, device=device)
     exact = draw_samples(oracle, diffusion, n, seed)  # the oracle runs on the CPU
-    ref, _ = gmm.sample(n, utils.make_generator(10_000 + seed))
-    other, _ = gmm.sample(n, utils.make_generator(20_000 + seed))
+    ref, floor = ground_truth_reference(gmm, n, seed)
     stats = {"seed": seed, "n": n,
              "energy_distance_learned": utils.energy_distance(learned, ref),
              "energy_distance_oracle": utils.energy_distance(exact, ref),
-             "energy_distance_floor": utils.energy_distance(other, ref),
+             "energy_distance_floor": floor,
              "class1_share_learned": (gmm.nearest_class(learned) == 1).float().mean().item(),
              "class1_share_oracle": (gmm.nearest_class(exact) == 1).float().mean().item(),
              "class1_share_truth": 0.65,
@@ -360,7 +366,7 @@ def task_fast(args, device, n=5000):
     model, diffusion = load_fig_model(args, FAST_T, device)
     gmm = TwoPixelGMM()
     oracle = gmm.oracle(diffusion.alphas_cumprod)
-    ref, _ = gmm.sample(n, utils.make_generator(10_000 + args.seed))
+    ref, floor = ground_truth_reference(gmm, n, args.seed)
     numbers = {"T": FAST_T, "n": n, "seed": args.seed, "steps": list(FAST_STEPS), "by_sampler": {}, "tsweep_models": {}}
     for sampler in utils.SAMPLERS:
         for driver, eps_fn, dev in (("learned", model, device), ("oracle", oracle, "cpu")):
@@ -371,8 +377,7 @@ def task_fast(args, device, n=5000):
         small, small_diffusion = load_fig_model(args, T, device)
         x = draw_samples(small, small_diffusion, n, args.seed, device=device)
         numbers["tsweep_models"][str(T)] = utils.energy_distance(x, ref)
-    other, _ = gmm.sample(n, utils.make_generator(20_000 + args.seed))
-    numbers["energy_distance_floor"] = utils.energy_distance(other, ref)
+    numbers["energy_distance_floor"] = floor
 
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     for sampler, colour, name in (("ddpm", "C0", "strided DDPM"), ("ddim", "C3", "DDIM, eta = 0")):
@@ -458,19 +463,19 @@ def task_classifier(args, device, T=50, n=2000, show=5.0):
     clf = cg.load_classifier(cg.default_checkpoint(T, args.checkpoint_dir), T, device)
     gmm = TwoPixelGMM()
     abar = diffusion.alphas_cumprod
-    methods = {
-        "classifier-free, learned model (w = s - 1)": lambda s: (model, s - 1),
-        "classifier guidance, learned model and classifier": lambda s: (utils.classifier_guided(model, clf.score, abar, s), 0.0),
-        "classifier guidance, exact eps* and Bayes classifier": lambda s: (
-            utils.classifier_guided(gmm.oracle(abar), cg.exact_score(gmm, abar), abar, s), 0.0),
+    methods = {  # name: scale s -> (eps-function, classifier-free w, device it runs on)
+        "classifier-free, learned model (w = s - 1)": lambda s: (model, s - 1, device),
+        "classifier guidance, learned model and classifier": lambda s: (
+            utils.classifier_guided(model, clf.score, abar, s), 0.0, device),
+        "classifier guidance, exact eps* and Bayes classifier": lambda s: (  # the oracle runs on the CPU
+            utils.classifier_guided(gmm.oracle(abar), cg.exact_score(gmm, abar), abar, s), 0.0, "cpu"),
     }
     numbers = {"T": T, "n_per_label": n, "seed": args.seed, "scales": list(GUIDANCE_SCALES), "by_method": {}}
     shown = {}
     for name, make in methods.items():
         rows = []
         for s in GUIDANCE_SCALES:
-            eps_fn, w = make(s)
-            dev = "cpu" if name.endswith("Bayes classifier") else device
+            eps_fn, w, dev = make(s)
             xs = [draw_samples(eps_fn, diffusion, n, args.seed + label, label, w, dev) for label in (0, 1)]
             rows.append({"scale": s,
                          "own_class_share": [(gmm.nearest_class(x) == k).float().mean().item() for k, x in enumerate(xs)],
