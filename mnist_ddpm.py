@@ -35,7 +35,8 @@ DEFAULT_CKPT = os.path.join("checkpoints", "mnist_T200.pt")
 DEFAULT_CLASSIFIER = os.path.join("checkpoints", "mnist_classifier.pt")
 # The default guidance strength: of w = 0, 0.25, 0.4, 0.5, 1 and 2, the one that meets the
 # evaluation targets (at least 99% classified as the requested digit, Frechet distance at
-# most 1.5 times the real-data floor); see figures/mnist_eval.json and the README.
+# most 1.5 times the real-data floor) at seed 0. With seed 1 the distance is 1.52 times the
+# floor: see figures/mnist_eval.json and the README.
 DEFAULT_W = 0.4
 TRAIN_COMMAND = "python mnist_ddpm.py train"
 CLASSIFIER_COMMAND = "python mnist_ddpm.py classifier"
