@@ -159,16 +159,19 @@ def train_one(T, args, device):
     return out
 
 
-def load_model(path, T=None, device="cpu"):
+def load_model(path, T=None, device="cpu", schedule=None):
     """Load a two-pixel checkpoint: (EMA model in eval mode, Diffusion, checkpoint dict).
 
-    T, when given, must match the checkpoint's T.
+    T and schedule, when given, must match the checkpoint's.
     """
-    make = f"python train.py --T {T or 50}" + ("" if path == default_checkpoint(T or 50) else f" --out {path}")
+    make = (f"python train.py --T {T or 50}" + ("" if schedule is None else f" --schedule {schedule}")
+            + ("" if path == default_checkpoint(T or 50) else f" --out {path}"))
     ckpt = utils.load_checkpoint(path, KIND, make)
     if T is not None and ckpt["T"] != T:
         raise utils.UserError(f"{path} was trained with T={ckpt['T']}, not --T {T}; "
                               f"pass --T {ckpt['T']} or another checkpoint")
+    if schedule is not None and ckpt["schedule"] != schedule:
+        raise utils.UserError(f"{path} uses the {ckpt['schedule']} schedule, not {schedule}")
     with utils.checkpoint_format(path):
         diffusion = utils.Diffusion(ckpt["T"], ckpt["schedule"])
         model = ddpm.build_model(ckpt["model_config"], diffusion.alphas_cumprod)

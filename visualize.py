@@ -411,10 +411,7 @@ def task_schedules(args, device, n=5000):
     for schedule, folder in (("cosine", args.checkpoint_dir), ("linear", os.path.join(args.checkpoint_dir, "linear"))):
         rows = {}
         for T in SWEEP_T:
-            model, diffusion, _ = train.load_model(train.default_checkpoint(T, folder), T, device)
-            if diffusion.schedule != schedule:
-                raise utils.UserError(f"{train.default_checkpoint(T, folder)} uses the {diffusion.schedule} schedule, "
-                                      f"not {schedule}")
+            model, diffusion, _ = train.load_model(train.default_checkpoint(T, folder), T, device, schedule)
             stats, learned, _ = sample_quality(model, diffusion, args.seed, n, device)
             stats["alpha_bar_T"] = diffusion.alphas_cumprod[-1].item()
             rows[str(T)] = {k: v for k, v in stats.items() if not k.startswith("per_class")}
@@ -621,11 +618,8 @@ def main():
     for T in needed_checkpoints(tasks):
         train.load_model(train.default_checkpoint(T, args.checkpoint_dir), T)
     if "schedules" in tasks:
-        folder = os.path.join(args.checkpoint_dir, "linear")
         for T in SWEEP_T:
-            if not os.path.exists(train.default_checkpoint(T, folder)):
-                raise utils.UserError(f"{train.default_checkpoint(T, folder)} not found; create the linear-schedule models with "
-                                      f"`python train.py --T 5 10 25 50 --schedule linear --checkpoint-dir {folder}`")
+            train.load_model(train.default_checkpoint(T, os.path.join(args.checkpoint_dir, "linear")), T, schedule="linear")
     if "classifier" in tasks:
         import classifier_guidance
         classifier_guidance.load_classifier(classifier_guidance.default_checkpoint(50, args.checkpoint_dir), 50)
