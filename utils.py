@@ -298,11 +298,15 @@ def cosine_lr(step, total, lr, warmup):
     return lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def train_step(model, ema, optimizer, diffusion, x_0, y, generator, lr, p_uncond=0.1, loss_type="l2", clip=1.0):
-    """One optimisation step on a batch: loss, backward, gradient clipping, Adam, EMA. Returns the loss."""
+def train_step(model, ema, optimizer, diffusion, x_0, y, generator, lr, p_uncond=0.1, loss_type="l2", clip=1.0,
+               bf16=False):
+    """One optimisation step on a batch: loss, backward, gradient clipping, Adam, EMA. Returns the loss.
+    With bf16, the model's matrix products and convolutions run in bfloat16 (torch.autocast);
+    the weights, their gradients, the loss and the optimiser stay float32."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = diffusion.training_loss(model, x_0, y, generator, p_uncond, loss_type)
+    with torch.autocast(x_0.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = diffusion.training_loss(model, x_0, y, generator, p_uncond, loss_type)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)

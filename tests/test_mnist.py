@@ -95,6 +95,23 @@ def test_training_lowers_the_loss_and_records_metadata(tiny_ckpt):
         assert key in ckpt["train"]
 
 
+def test_a_bfloat16_step_matches_the_float32_step_and_keeps_float32_weights():
+    cfg = M.MnistUNetConfig(T=10, channels=(8, 8, 16, 16))
+    diffusion = utils.Diffusion(10, "cosine")
+    x_0, y = torch.rand(16, 1, 28, 28) * 2 - 1, torch.arange(16) % 10
+    losses, grads = {}, {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        net = M.MnistUNet(cfg)
+        ema = utils.make_ema(net, 0.999)
+        opt = torch.optim.Adam(net.parameters())
+        losses[bf16] = utils.train_step(net, ema, opt, diffusion, x_0, y, utils.make_generator(0), 1e-3, bf16=bf16)
+        grads[bf16] = torch.cat([p.grad.flatten() for p in net.parameters()])
+        assert all(p.dtype == torch.float32 for p in [*net.parameters(), *ema.parameters()])
+    assert losses[True] == pytest.approx(losses[False], rel=0.02)
+    assert torch.nn.functional.cosine_similarity(grads[True], grads[False], dim=0) > 0.99
+
+
 def test_sample_writes_the_contracted_array_and_repeats(root, tiny_ckpt, tmp_path):
     a, b = tmp_path / "a.npy", tmp_path / "b.npy"
     for out in (a, b):
