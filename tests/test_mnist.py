@@ -147,6 +147,11 @@ def test_grid_trajectory_classifier_and_evaluate_write_their_files(root, tiny_ck
     assert [e["w"] for e in ev["by_w"]] == [0.0, 1.0]
     assert all(0 <= e["accuracy"] <= 1 and e["frechet_distance"] >= 0 for e in ev["by_w"])
     assert (tmp_path / "eval.png").exists()
+    # the reference: the classifier's accuracy on the real test digits the samples are compared with
+    test_x, test_y = M.per_class(*M.load_mnist(small_data, "test"), 4, utils.make_generator(0))
+    model, _ = M.load_classifier(clf, "cpu")
+    with torch.no_grad():
+        assert ev["real_test_accuracy"] == pytest.approx((model(test_x).argmax(1) == test_y).float().mean().item())
     # a second run into the same file keeps w = 1 and samples only the new settings
     r = run(root, "evaluate", "--checkpoint", tiny_ckpt, "--classifier", clf, "--data", small_data, "--n", 4,
             "--ws", 1, 2, "--out", tmp_path / "eval.json", "--quiet")
