@@ -772,7 +772,7 @@ def build_parser():
     q.add_argument("--ema", type=utils.fraction, default=0.999, help="EMA decay of the weights used for sampling (default 0.999)")
     q.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                    help="arithmetic of the forward and backward pass: bf16 runs convolutions and matrix products in "
-                        "bfloat16 (weights, loss and Adam stay float32), about 1.35x faster than fp32 on CPUs with "
+                        "bfloat16 (weights, loss and Adam stay float32), about 1.25x faster than fp32 on CPUs with "
                         "AVX512-BF16 or AMX, as the shipped model was trained; on CPUs without them, or GPUs older "
                         "than Ampere, fp32 is faster (default bf16)")
     q.add_argument("--channels", type=utils.positive_int, nargs=4, default=[16, 32, 64, 64], metavar="C",
