@@ -243,7 +243,8 @@ def cmd_train(args, device):
     steps_per_epoch = math.ceil(len(x_all) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     run = {"seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-           "p_uncond": args.p_uncond, "ema_decay": args.ema, "precision": args.precision, "images": len(x_all), "data": args.data, "device": str(device)}
+           "p_uncond": args.p_uncond, "ema_decay": args.ema, "precision": args.precision, "images": len(x_all),
+           "data": args.data, "device": str(device)}
     epoch, seconds, history = 0, 0.0, {"epoch": [], "loss": [], "seconds": []}
     if args.resume:
         state = utils.load_checkpoint(resume_path, KIND + "-resume", f"{TRAIN_COMMAND} --out {out}")
@@ -619,6 +620,7 @@ def cmd_evaluate(args, device):
     utils.check_steps(args.steps, diffusion)
     clf, clf_ckpt = load_classifier(args.classifier, device)
     feats = lambda x: batched(clf.features, x.to(device)).cpu()
+    predict = lambda f: batched(clf.head, f.to(device)).argmax(1).cpu()  # digits from features
     gen = utils.make_generator(args.seed)
     test_x, test_y = per_class(*load_mnist(args.data, "test"), args.n, gen)
     f_test = feats(test_x)
@@ -629,7 +631,7 @@ def cmd_evaluate(args, device):
     floors = [frechet_distance(feats(per_class(*train, args.n, gen)[0]), f_test) for _ in range(FLOOR_DRAWS)]
     real_div = [mean_pairwise_distance(f_test[test_y == k]) for k in range(10)]
     # what real digits score: a sampler that drew exactly from the data would score about this
-    real_accuracy = (batched(clf.head, f_test.to(device)).argmax(1).cpu() == test_y).float().mean().item()
+    real_accuracy = (predict(f_test) == test_y).float().mean().item()
     result = {"checkpoint": args.checkpoint, "T": diffusion.T, "n_per_digit": args.n, "seed": args.seed,
               "model": model_fingerprint(ckpt), "classifier_test_accuracy": clf_ckpt["train"]["test_accuracy"],
               "frechet_floor_train_vs_test": float(np.mean(floors)), "frechet_floor_draws": floors,
@@ -651,8 +653,8 @@ def cmd_evaluate(args, device):
             pass
         if not kept:
             print(f"{args.out} holds no results of this model and settings; it will be replaced", flush=True)
-    print(f"real test digits: {real_accuracy:.3f} classified as their label; Frechet floor {result['frechet_floor_train_vs_test']:.2f}",
-          flush=True)
+    print(f"real test digits: {real_accuracy:.3f} classified as their label; "
+          f"Frechet floor {result['frechet_floor_train_vs_test']:.2f}", flush=True)
     labels = torch.arange(10).repeat_interleave(args.n)
     todo = [(w, args.sampler, steps, args.eta) for w in args.ws]
     result["by_w"] = [e for key, e in kept.items() if key not in todo]
@@ -665,7 +667,7 @@ def cmd_evaluate(args, device):
             x = draw(model, diffusion, labels, w, args.seed, device, not args.quiet, sampler, steps, args.eta)
             seconds = time.perf_counter() - t0
             f = feats(x)
-            pred = batched(clf.head, f.to(device)).argmax(1).cpu()
+            pred = predict(f)
             div = [mean_pairwise_distance(f[labels == k]) for k in range(10)]
             entry = {"w": w, "sampler": sampler, "steps": steps, "eta": args.eta, "sampling_seconds": round(seconds, 1),
                      "accuracy": (pred == labels).float().mean().item(),
