@@ -530,6 +530,20 @@ def batched(fn, x, size=1000):
     return torch.cat([fn(x[i:i + size]) for i in range(0, len(x), size)])
 
 
+def augment(images, gen, degrees=10.0, scale=0.1, shift=2.0):
+    """Each image (B, 1, 28, 28) in [0, 1] turned by up to `degrees`, scaled by 1 +- `scale` and
+    moved by up to `shift` pixels, independently and uniformly at random (bilinear, blank
+    outside the frame): the ways real handwriting varies, so the classifier learns to ignore them."""
+    b = len(images)
+    u = lambda: 2 * torch.rand(b, generator=gen) - 1  # uniform in [-1, 1]
+    angle, zoom = u() * math.radians(degrees), 1 + u() * scale
+    tx, ty = u() * shift * 2 / 28, u() * shift * 2 / 28  # affine_grid measures the frame as [-1, 1]
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, align_corners=False, padding_mode="zeros")
+
+
 def cmd_classifier(args, device):
     utils.ensure_writable_dir(args.out)
     images, labels = load_mnist(args.data, "train")
@@ -549,12 +563,11 @@ def cmd_classifier(args, device):
         bar = tqdm(range(0, len(images), batch), desc=f"classifier epoch {epoch + 1}/{args.epochs}", disable=args.quiet)
         for i in bar:
             idx = order[i:i + batch]
-            # small random shifts (up to 2 pixels) make the classifier robust to imperfect samples
-            dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
-            x = torch.roll(images[idx], shifts=(dx, dy), dims=(2, 3)).to(device)
+            x = augment(images[idx], gen).to(device)
             for group in optimizer.param_groups:
                 group["lr"] = utils.cosine_lr(step, steps, 1e-3, warmup=100)
-            loss = F.cross_entropy(clf(x), labels[idx].to(device))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                loss = F.cross_entropy(clf(x).float(), labels[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -564,7 +577,8 @@ def cmd_classifier(args, device):
     acc = (batched(clf, test_x.to(device)).argmax(1).cpu() == test_y).float().mean().item()
     utils.save_checkpoint(args.out, {"kind": CLASSIFIER_KIND, "model": clf.state_dict(),
                                      "train": {"seed": args.seed, "epochs": args.epochs, "images": len(images),
-                                               "test_accuracy": acc, "seconds": round(time.perf_counter() - start, 1)}})
+                                               "precision": args.precision, "test_accuracy": acc,
+                                               "seconds": round(time.perf_counter() - start, 1)}})
     print(f"wrote {args.out}: test accuracy {acc:.4f}")
 
 
@@ -787,7 +801,9 @@ def build_parser():
 
     q = sub.add_parser("classifier", help="train the MNIST classifier used by evaluate",
                        description="Train a small CNN classifier on the MNIST training split (for evaluate).")
-    q.add_argument("--epochs", type=utils.positive_int, default=6, help="passes over the training images (default 6)")
+    q.add_argument("--epochs", type=utils.positive_int, default=20, help="passes over the training images (default 20)")
+    q.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="arithmetic of the forward and backward pass, as for train (default bf16)")
     q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with the MNIST arrays (default {DEFAULT_DATA})")
     q.add_argument("--limit", type=utils.positive_int, default=None, help="train on the first N images only (for quick trials)")
     q.add_argument("--out", default=DEFAULT_CLASSIFIER, help=f"classifier path (default {DEFAULT_CLASSIFIER})")

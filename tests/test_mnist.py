@@ -176,6 +176,29 @@ def test_formation_settle_steps_on_a_hand_made_chain():
     assert share.tolist() == pytest.approx([1.0, 1.0, 1.0, (n - 1) / n, (n - 2) / n])
 
 
+def test_augment_moves_turns_and_scales_within_its_ranges():
+    gen = utils.make_generator(0)
+    x = torch.zeros(64, 1, 28, 28)
+    x[:, :, 13:15, 13:15] = 1.0  # a blob at the centre of the frame, pixel 13.5
+    assert torch.allclose(M.augment(x, gen, degrees=0, scale=0, shift=0), x, atol=1e-5)
+    rows = torch.arange(28.0).view(1, 1, 28, 1)
+
+    def centroid(im):
+        mass = im.sum((1, 2, 3))
+        return (im * rows).sum((1, 2, 3)) / mass, (im * rows.transpose(2, 3)).sum((1, 2, 3)) / mass, mass
+
+    # a pure translation keeps the ink and moves it by at most 2 pixels, differently for each image
+    r, c, mass = centroid(M.augment(x, gen, degrees=0, scale=0, shift=2))
+    assert torch.allclose(mass, torch.full_like(mass, 4.0), atol=1e-4)
+    assert (r - 13.5).abs().max() <= 2 + 1e-4 and (c - 13.5).abs().max() <= 2 + 1e-4
+    assert (r - 13.5).abs().max() > 1 and r.unique().numel() > 32
+    # turning and scaling about the centre leave a centred blob centred, each image turned differently
+    y = M.augment(x, gen, degrees=10, scale=0.1, shift=0)
+    r, c, _ = centroid(y)
+    assert (r - 13.5).abs().max() < 1e-3 and (c - 13.5).abs().max() < 1e-3
+    assert (y[1:] - y[:1]).abs().amax((1, 2, 3)).min() > 1e-3
+
+
 def test_frechet_distance_of_shifted_gaussians():
     gen = utils.make_generator(0)
     a = torch.randn(4000, 3, generator=gen)
