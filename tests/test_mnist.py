@@ -192,11 +192,22 @@ def test_augment_moves_turns_and_scales_within_its_ranges():
     assert torch.allclose(mass, torch.full_like(mass, 4.0), atol=1e-4)
     assert (r - 13.5).abs().max() <= 2 + 1e-4 and (c - 13.5).abs().max() <= 2 + 1e-4
     assert (r - 13.5).abs().max() > 1 and r.unique().numel() > 32
-    # turning and scaling about the centre leave a centred blob centred, each image turned differently
-    y = M.augment(x, gen, degrees=10, scale=0.1, shift=0)
-    r, c, _ = centroid(y)
+    # turning and scaling about the centre leave a centred blob centred
+    r, c, _ = centroid(M.augment(x, gen, degrees=10, scale=0.1, shift=0))
     assert (r - 13.5).abs().max() < 1e-3 and (c - 13.5).abs().max() < 1e-3
-    assert (y[1:] - y[:1]).abs().amax((1, 2, 3)).min() > 1e-3
+    # a blob 8 pixels right of the centre: turning moves it along the circle by up to 10 degrees,
+    # scaling moves it along the radius by up to 10% (give or take the 1% that bilinear resampling of
+    # so small a blob costs)
+    x = torch.zeros(256, 1, 28, 28)
+    x[:, :, 13:15, 21:23] = 1.0
+    r, c, _ = centroid(M.augment(x, gen, degrees=10, scale=0, shift=0))
+    angle = torch.rad2deg(torch.atan2(r - 13.5, c - 13.5)).abs()
+    radius = torch.hypot(r - 13.5, c - 13.5)
+    assert angle.max() <= 10.1 and angle.max() > 8 and (radius - 8).abs().max() < 0.1
+    r, c, _ = centroid(M.augment(x, gen, degrees=0, scale=0.1, shift=0))
+    radius = torch.hypot(r - 13.5, c - 13.5) / 8
+    assert (r - 13.5).abs().max() < 1e-3 and radius.min() >= 0.88 and radius.max() <= 1.12
+    assert radius.min() < 0.92 and radius.max() > 1.08
 
 
 def test_frechet_distance_of_shifted_gaussians():
