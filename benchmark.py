@@ -1,18 +1,23 @@
 """Measure cost and quality on this machine; print a table and save it as figures/benchmark.json.
 
-    python benchmark.py              # everything (about 10 minutes on 2 CPU cores)
+    python benchmark.py              # everything (about 12 minutes on 2 CPU cores)
     python benchmark.py --skip-train --skip-mnist   # only two-pixel quality and sampling time
 
+First the machine: CPU model, torch's CPU capability, whether bfloat16 is native (and so what
+--precision auto picks), threads. Timings differ between machines and from hour to hour, so
+compare the numbers of one run with each other (ratios), not with another run's.
 Two-pixel, for T = 5, 10, 25, 50:
   - seconds to train with train.py's defaults (into a scratch directory; same seed, so the
-    same weights as the shipped checkpoint),
+    same weights as the shipped checkpoint; target <= 30 s),
   - energy distance to 5000 fresh ground-truth points of 5000 samples from the shipped
     checkpoint and of 5000 from the same sampler driven by the exact oracle, over several
-    seeds, with their ratio (target <= 1.5) and the share of samples nearest class 1,
+    seeds, with their ratio (target <= 1.2) and the share of samples nearest class 1,
   - the share of conditional samples (--label y, w = 0) nearest their own class (target >= 99%),
   - seconds to draw 5000 samples at T = 50 (best of 5; target <= 0.5 s).
-MNIST: seconds per training epoch (timed on 100 batches) and seconds to sample the
-100-digit grid at T = 200 with guidance (target <= 60 s).
+MNIST, side by side in float32 and bfloat16: seconds per training epoch (timed on 100
+batches), seconds to sample the 100-digit grid at T = 200 with guidance (target <= 60 s in
+float32), one guided sampling step in chunks of several sizes, the cost of full attention,
+and seconds per epoch of each configuration of the design study.
 """
 import os
 import statistics
@@ -72,55 +77,108 @@ def two_pixel(args, device):
     return rows, min(times)
 
 
+def machine(device):
+    """What the timings depend on: the CPU, its vector instructions, bfloat16 support, threads."""
+    import platform
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    native, why = utils.native_bf16(device)
+    return {"device": str(device), "cpu": cpu, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": native, "native_bf16_reason": why, "auto_precision": utils.resolve_precision("auto", device)[0],
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def seconds_per_batch(config, diffusion, images, labels, batch, precision, device, n=30):
+    """Mean seconds of a training step (forward, backward, Adam, EMA) over n batches of real
+    digits, after two warm-up steps."""
+    import mnist_ddpm
+    torch.manual_seed(0)
+    net = mnist_ddpm.build_unet(config).to(device)
+    ema = utils.make_ema(net, 0.999)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    gen = utils.make_generator(0, device)
+    for i in range(n + 2):
+        if i == 2:
+            start = time.perf_counter()
+        x = mnist_ddpm.to_model(images[i * batch:(i + 1) * batch]).to(device)
+        utils.train_step(net, ema, opt, diffusion, x, labels[i * batch:(i + 1) * batch].to(device), gen, 1e-4,
+                         bf16=precision == "bf16")
+    return (time.perf_counter() - start) / n, sum(p.numel() for p in net.parameters())
+
+
 def mnist(device):
     import mnist_ddpm
     model, diffusion, ckpt = mnist_ddpm.load_unet(mnist_ddpm.DEFAULT_CKPT, None, device)
-    # training throughput of the shipped configuration, on 100 batches of real digits, in the
-    # precision the shipped model was trained in and in the other one
     images, labels = mnist_ddpm.load_mnist(mnist_ddpm.DEFAULT_DATA, "train")
     batch = ckpt["train"]["batch_size"]
-    epoch_seconds = {}
+    epoch = len(images) / batch
+    out = {"T": diffusion.T, "w": mnist_ddpm.DEFAULT_W, "batch_size": batch,
+           "trained_precision": ckpt["train"].get("precision", "fp32"), "epochs_trained": ckpt["train"]["epochs_done"],
+           "train_seconds_recorded": ckpt["train"]["seconds"]}
+    # 1. training: an epoch of the shipped configuration in both precisions, side by side
     for precision in ("fp32", "bf16"):
-        torch.manual_seed(0)
-        net = mnist_ddpm.build_unet(ckpt["model_config"]).to(device)
-        ema = utils.make_ema(net, 0.999)
-        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-        gen = utils.make_generator(0, device)
+        step, _ = seconds_per_batch(ckpt["model_config"], diffusion, images, labels, batch, precision, device, n=100)
+        out[f"epoch_seconds_{precision}"] = step * epoch
+    # 2. sampling: the 100-digit grid with guidance (200 network passes per step), float32 as
+    # shipped, then in bfloat16 (autocast) for comparison; and one guided step in chunks of
+    # 100 against the shipped chunk size
+    digits = torch.arange(10).repeat_interleave(10)
+    for precision in ("fp32", "bf16"):
         start = time.perf_counter()
-        for i in range(100):
-            x = mnist_ddpm.to_model(images[i * batch:(i + 1) * batch]).to(device)
-            utils.train_step(net, ema, opt, diffusion, x, labels[i * batch:(i + 1) * batch].to(device), gen, 1e-4,
-                             bf16=precision == "bf16")
-        epoch_seconds[precision] = (time.perf_counter() - start) / 100 * len(images) / batch
-    precision = ckpt["train"].get("precision", "fp32")
-    start = time.perf_counter()
-    mnist_ddpm.draw(model, diffusion, torch.arange(10).repeat_interleave(10), mnist_ddpm.DEFAULT_W, 0, device)
-    grid_seconds = time.perf_counter() - start
-    # the cost of attention: the same network with 7 x 7 windows (shipped) and with full attention
-    attention = {}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            mnist_ddpm.draw(model, diffusion, digits, mnist_ddpm.DEFAULT_W, 0, device)
+        out[f"grid_seconds_{precision}"] = time.perf_counter() - start
+    x = torch.randn(200, 1, 28, 28, generator=utils.make_generator(0), device=device)
+    t = torch.full((200,), diffusion.T // 2, device=device)
+    y = torch.cat([digits, torch.full((100,), -1)]).to(device)
+    shipped = mnist_ddpm.CHUNK
+    for chunk in (shipped, 100, 200):
+        mnist_ddpm.CHUNK = chunk
+        with torch.no_grad():
+            model(x, t, y)
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                model(x, t, y)
+                times.append(time.perf_counter() - start)
+        out[f"guided_step_seconds_chunk_{chunk}"] = statistics.median(times)
+    mnist_ddpm.CHUNK = shipped
+    # 3. the cost of attention: the same network with 7 x 7 windows (shipped) and full attention
     for window in (7, 28):
-        config = dict(ckpt["model_config"], attn_window=window)
-        net = mnist_ddpm.build_unet(config).to(device)
-        x = mnist_ddpm.to_model(images[:batch]).to(device)
-        t = torch.randint(0, diffusion.T, (batch,), generator=utils.make_generator(0)).to(device)
-        times = []
-        for _ in range(6):
-            start = time.perf_counter()
-            net(x, t, labels[:batch].to(device)).square().mean().backward()
-            times.append(time.perf_counter() - start)
-        attention[f"window_{window}_seconds_per_batch"] = min(times[1:])
-    return {"epoch_seconds_measured": epoch_seconds[precision], "precision": precision,
-            "epoch_seconds_fp32": epoch_seconds["fp32"], "epoch_seconds_bf16": epoch_seconds["bf16"],
-            "epochs_trained": ckpt["train"]["epochs_done"],
-            "train_seconds_recorded": ckpt["train"]["seconds"], "grid_seconds_T200_guided": grid_seconds,
-            "T": diffusion.T, "w": mnist_ddpm.DEFAULT_W, "batch_size": batch, **attention}
+        step, _ = seconds_per_batch(dict(ckpt["model_config"], attn_window=window), diffusion, images, labels, batch,
+                                    "fp32", device, n=10)
+        out[f"window_{window}_seconds_per_batch_fp32"] = step
+    # 4. the configurations of the design study, one epoch each in the default precision
+    precision = utils.resolve_precision("auto", device)[0]
+    base = {"T": diffusion.T, "channels": [16, 32, 64, 64]}
+    out["study_precision"] = precision
+    out["study"] = {}
+    for name, extra in STUDY.items():
+        step, params = seconds_per_batch({**base, **extra}, diffusion, images, labels, batch, precision, device)
+        out["study"][name] = {"parameters": params, "epoch_seconds": step * epoch, **extra}
+    return out
+
+
+# the MNIST design study's configurations (figures/mnist_study/*.json hold their scores)
+# (Min-SNR weighting changes only the loss, so it costs what its network costs.)
+STUDY = {"bias": {}, "scale-shift": {"scale_shift": True}, "scale-shift-2layers": {"scale_shift": True, "res_layers": 2}}
+
+
+def mnist_ddpm_chunk():
+    import mnist_ddpm
+    return mnist_ddpm.CHUNK
 
 
 def main():
     args = build_parser().parse_args()
     device = utils.pick_device(args.device)
     utils.ensure_writable_dir(args.out)
-    result = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    result = {"machine": machine(device)}
+    print("machine:", ", ".join(f"{k} {v}" for k, v in result["machine"].items()), flush=True)
     rows, sample_seconds = two_pixel(args, device)
     result["two_pixel"] = rows
     result["two_pixel_sample_seconds_T50_n5000"] = sample_seconds
@@ -137,11 +195,15 @@ def main():
     if not args.skip_mnist:
         result["mnist"] = mnist(device)
         m = result["mnist"]
-        print(f"MNIST: {m['epoch_seconds_fp32']:.0f} s per epoch in fp32, {m['epoch_seconds_bf16']:.0f} s in bf16 "
-              f"(the shipped model: {m['precision']}); 100-digit grid at T={m['T']} with w={m['w']:g}: "
-              f"{m['grid_seconds_T200_guided']:.1f} s")
-        print(f"MNIST forward + backward on a batch of {m['batch_size']}: {m['window_7_seconds_per_batch']:.3f} s with "
-              f"7 x 7 attention windows, {m['window_28_seconds_per_batch']:.3f} s with full 28 x 28 attention")
+        print(f"MNIST training epoch: {m['epoch_seconds_fp32']:.0f} s in fp32, {m['epoch_seconds_bf16']:.0f} s in bf16 "
+              f"(auto picks {result['machine']['auto_precision']})")
+        print(f"MNIST 100-digit grid, T={m['T']}, w={m['w']:g}: {m['grid_seconds_fp32']:.1f} s in fp32, "
+              f"{m['grid_seconds_bf16']:.1f} s in bf16; one guided step of 200 images: "
+              + ", ".join(f"{m[f'guided_step_seconds_chunk_{c}']:.3f} s in chunks of {c}" for c in (mnist_ddpm_chunk(), 100, 200)))
+        print(f"MNIST forward + backward on a batch of {m['batch_size']} in fp32: {m['window_7_seconds_per_batch_fp32']:.3f} s "
+              f"with 7 x 7 attention windows, {m['window_28_seconds_per_batch_fp32']:.3f} s with full 28 x 28 attention")
+        for name, row in m["study"].items():
+            print(f"study {name}: {row['parameters']:,} parameters, {row['epoch_seconds']:.0f} s per epoch in {m['study_precision']}")
     utils.save_json(args.out, result)
     print(f"wrote {args.out}")
 

@@ -14,6 +14,7 @@ the data then sit at the scale of the unit-variance noise) and back for every ou
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -88,22 +89,36 @@ class MnistUNetConfig:
     fourier_scale: float = 4.0
     attn_window: int = 7  # attention inside non-overlapping windows of this size (the whole map if larger)
     groups: int = 8  # GroupNorm groups
+    res_layers: int = 1  # residual layers per block, before its attention
+    scale_shift: bool = False  # the embedding scales and shifts the normalised features instead of adding a bias
 
 
 class ResidualLayer(nn.Module):
-    """GroupNorm, SiLU, 3x3 conv; add the step-and-class embedding; GroupNorm, SiLU, 3x3 conv; plus the input."""
+    """GroupNorm, SiLU, 3x3 conv; inject the step-and-class embedding; GroupNorm, SiLU, 3x3 conv; plus the input.
 
-    def __init__(self, c_in, c_out, embed_dim, groups):
+    The embedding enters either as a per-channel bias added to the features (scale_shift=False),
+    or as a per-channel scale and shift of the second normalisation, h = GroupNorm(h) (1 + scale)
+    + shift (scale_shift=True; Dhariwal & Nichol 2021, section 3, "adaptive group normalization"),
+    which lets the label multiply features rather than only offset them.
+    """
+
+    def __init__(self, c_in, c_out, embed_dim, groups, scale_shift=False):
         super().__init__()
+        self.scale_shift = scale_shift
         self.norm1, self.conv1 = nn.GroupNorm(groups, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.emb = nn.Linear(embed_dim, c_out)
+        self.emb = nn.Linear(embed_dim, 2 * c_out if scale_shift else c_out)
         self.norm2, self.conv2 = nn.GroupNorm(groups, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb(emb)[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        e = self.emb(emb)[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(F.silu(h))
         return self.skip(x) + h
 
 
@@ -142,20 +157,24 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """One UNet block: a residual layer (with the embedding injected), then self-attention."""
+    """One UNet block: res_layers residual layers (with the embedding injected), then self-attention."""
 
     def __init__(self, c_in, c_out, cfg):
         super().__init__()
-        self.res = ResidualLayer(c_in, c_out, cfg.embed_dim, cfg.groups)
+        self.res = nn.ModuleList([ResidualLayer(c_in if k == 0 else c_out, c_out, cfg.embed_dim, cfg.groups, cfg.scale_shift)
+                                  for k in range(cfg.res_layers)])
         self.attn = SelfAttention(c_out, cfg.groups, cfg.attn_window)
 
     def forward(self, x, emb):
-        return self.attn(self.res(x, emb))
+        for layer in self.res:
+            x = layer(x, emb)
+        return self.attn(x)
 
 
-# Images per forward pass. On a CPU, the intermediates of one large batch cost more in memory
-# allocation than in arithmetic: 1000 images take about 3.2 s in one pass, 1.4 s in chunks of 100.
-CHUNK = 100
+# Images per forward pass. On a CPU a batch is fastest in chunks whose feature maps stay in the
+# cache: a guided sampling step (200 images) took 0.24 s in chunks of 50 against 0.33 s in
+# chunks of 100 and more in one pass (benchmark.py measures it on each machine).
+CHUNK = 50
 
 
 class MnistUNet(nn.Module):
@@ -179,7 +198,8 @@ class MnistUNet(nn.Module):
         self.conv_out = nn.Conv2d(c1, 1, 3, padding=1)
 
     def forward(self, x_t, t, y=None):
-        if len(x_t) > CHUNK:  # every layer is per-image, so chunks give the same result as one batch
+        if len(x_t) > CHUNK and not torch.is_grad_enabled():  # sampling: every layer is per-image, so chunks
+            # give the same result as one batch (training batches go through whole)
             return torch.cat([self(x_t[i:i + CHUNK], t[i:i + CHUNK], None if y is None else y[i:i + CHUNK])
                               for i in range(0, len(x_t), CHUNK)])
         emb = self.embed(t, y)
@@ -217,7 +237,9 @@ def load_unet(path, T=None, device="cpu"):
         raise utils.UserError(f"{path} was trained with T={ckpt['T']}, not --T {T}")
     with utils.checkpoint_format(path):
         model = build_unet(ckpt["model_config"])
-        model.load_state_dict(ckpt["model"])
+        # checkpoints from before --res-layers hold one residual layer per block, stored as block.res
+        state = {re.sub(r"\.res\.(?!\d)", ".res.0.", k): v for k, v in ckpt["model"].items()}
+        model.load_state_dict(state)
         diffusion = utils.Diffusion(ckpt["T"], ckpt["schedule"])
     return model.to(device).eval(), diffusion, ckpt
 
@@ -225,14 +247,36 @@ def load_unet(path, T=None, device="cpu"):
 # ----------------------------------------------------------------------------------
 # train
 # ----------------------------------------------------------------------------------
+SNAPSHOT_STEPS = 25  # DDIM steps of the snapshots drawn during training (one digit of each class, w = 0)
+
+
+def snapshot_epochs(epochs):
+    """Epochs after which training draws its snapshot: 1, 2, 4, 8, ... and the last."""
+    return sorted({2 ** k for k in range(epochs.bit_length()) if 2 ** k <= epochs} | {epochs})
+
+
+def training_snapshot(model, diffusion, seed, device):
+    """One digit of each class drawn with the current EMA weights at w = 0, from the same noise
+    at every snapshot (DDIM, SNAPSHOT_STEPS steps): uint8 (10, 28, 28), ink = 255."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        x = draw(model, diffusion, torch.arange(10), 0.0, seed, device, sampler="ddim", steps=min(SNAPSHOT_STEPS, diffusion.T))
+    model.train(was_training)
+    return (x * 255).round().to(torch.uint8)
+
+
 def cmd_train(args, device):
     out, resume_path = args.out, args.out + ".resume.pt"
     utils.ensure_writable_dir(out)
+    precision, why = utils.resolve_precision(args.precision, device)
+    print(f"precision: {precision} ({why})", flush=True)
     images, labels = load_mnist(args.data, "train")
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
     x_all = to_model(images)
-    config = MnistUNetConfig(T=args.T, channels=tuple(args.channels))
+    config = MnistUNetConfig(T=args.T, channels=tuple(args.channels), res_layers=args.res_layers,
+                             scale_shift=args.embedding == "scale-shift")
     diffusion = utils.Diffusion(args.T, "cosine")
 
     torch.manual_seed(args.seed)  # initial weights and Fourier frequencies
@@ -244,20 +288,23 @@ def cmd_train(args, device):
     steps_per_epoch = math.ceil(len(x_all) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     run = {"seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-           "p_uncond": args.p_uncond, "ema_decay": args.ema, "precision": args.precision, "images": len(x_all),
-           "data": args.data, "device": str(device)}
-    epoch, seconds, history = 0, 0.0, {"epoch": [], "loss": [], "seconds": []}
+           "p_uncond": args.p_uncond, "ema_decay": args.ema, "min_snr": args.min_snr, "precision": precision,
+           "images": len(x_all), "data": args.data, "device": str(device)}
+    epoch, seconds = 0, 0.0
+    history = {"epoch": [], "loss": [], "seconds": [], "snapshot_epochs": [], "snapshots": []}
     if args.resume:
         state = utils.load_checkpoint(resume_path, KIND + "-resume", f"{TRAIN_COMMAND} --out {out}")
         if state["model_config"] != config_dict(config) or state["run"] != run:
             raise utils.UserError(f"{resume_path} was made with other settings; rerun without --resume")
         utils.restore_training_state(state, model, ema, optimizer, noise=gen, order=order_gen)
         epoch, seconds, history = state["epoch"], state["seconds"], state["history"]
+    print(f"{sum(p.numel() for p in model.parameters()):,} parameters; {args.epochs} epochs of {steps_per_epoch} "
+          f"batches; starting at epoch {epoch + 1}", flush=True)
 
     start = time.perf_counter() - seconds
     with utils.StopOnInterrupt() as interrupt:
         while epoch < args.epochs and not interrupt.requested:
-            # 1. one pass over the shuffled training images, 2. a checkpoint after each epoch
+            # 1. one pass over the shuffled training images
             order = torch.randperm(len(x_all), generator=order_gen)
             bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", disable=args.quiet)
             losses, t_epoch = [], time.perf_counter()
@@ -268,7 +315,7 @@ def cmd_train(args, device):
                 lr = utils.cosine_lr(epoch * steps_per_epoch + i, total_steps, args.lr, warmup=min(500, total_steps // 10 + 1))
                 losses.append(utils.train_step(model, ema, optimizer, diffusion, x_all[idx].to(device),
                                                labels[idx].to(device), gen, lr, args.p_uncond,
-                                               bf16=args.precision == "bf16"))
+                                               bf16=precision == "bf16", min_snr=args.min_snr))
                 if i % 10 == 0:
                     bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}",
                                     img_s=f"{len(losses) * args.batch_size / (time.perf_counter() - t_epoch):.0f}")
@@ -276,10 +323,16 @@ def cmd_train(args, device):
             if len(losses) < steps_per_epoch:  # interrupted inside the epoch: drop it
                 break
             epoch += 1
+            # 2. at epochs 1, 2, 4, 8, ... and the last: the same ten starting noises, denoised
+            # with the EMA weights (its own seed, so the training randomness is untouched)
+            if epoch in snapshot_epochs(args.epochs):
+                history["snapshot_epochs"].append(epoch)
+                history["snapshots"].append(training_snapshot(ema.module, diffusion, args.seed, device))
             seconds = time.perf_counter() - start
             history["epoch"].append(epoch)
             history["loss"].append(sum(losses) / len(losses))
             history["seconds"].append(round(seconds, 1))
+            # 3. the checkpoint (EMA weights), and what --resume needs
             ckpt = {"kind": KIND, "T": args.T, "schedule": "cosine", "model_config": config_dict(config),
                     "model": ema.module.state_dict(),
                     "train": {**run, "epochs_done": epoch, "seconds": round(seconds, 1),
@@ -356,6 +409,28 @@ def cmd_animate(args, device, every=4, hold=8):
 
     utils.save_animation(fig, draw_frame, len(frames) + hold, args.out, fps=10)
     print(f"wrote {args.out}")
+
+
+def cmd_progress(args, device):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    utils.ensure_writable_dir(args.out)
+    ckpt = utils.load_checkpoint(args.checkpoint, KIND, TRAIN_COMMAND)
+    history = ckpt["train"].get("history", {})
+    if not history.get("snapshots"):
+        raise utils.UserError(f"{args.checkpoint} holds no training snapshots (it was trained before they were "
+                              f"recorded); retrain with `{TRAIN_COMMAND}`")
+    epochs, snaps = history["snapshot_epochs"], torch.stack(history["snapshots"]).float() / 255
+    fig, ax = plt.subplots(figsize=(5.2, 0.55 * len(epochs) + 0.9))
+    image_grid(ax, snaps.reshape(-1, 28, 28).numpy(), len(epochs))
+    ax.set_yticks([30 * k + 15 for k in range(len(epochs))], [str(e) for e in epochs], fontsize=9)
+    ax.set_xticks([30 * k + 15 for k in range(10)], [str(k) for k in range(10)], fontsize=9)
+    ax.set_ylabel("after epoch")
+    ax.set_xlabel("requested digit")
+    ax.set_title(f"The same noise denoised during training (w = 0, {SNAPSHOT_STEPS} DDIM steps)", fontsize=9)
+    utils.save_figure(fig, args.out)
+    print(f"wrote {args.out} ({len(epochs)} snapshots, epochs {', '.join(map(str, epochs))})")
 
 
 def image_grid(ax, images, nrow):
@@ -452,7 +527,7 @@ def cmd_trajectory(args, device):
     frames = list(range(T, -1, -max(1, T // 8)))
     if frames[-1] != 0:
         frames.append(0)
-    fig, axes = plt.subplots(2, len(frames), figsize=(1.3 * len(frames), 3.0))
+    fig, axes = plt.subplots(2, len(frames), figsize=(7.4, 2.35))
     for col, t in enumerate(frames):
         pred = x0_hats[t - 1, 0] if t > 0 else final[0]
         for row, img in enumerate((xs[t, 0], pred)):
@@ -460,9 +535,9 @@ def cmd_trajectory(args, device):
             ax.imshow(1 - img.numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[0, col].set_title(f"t={t}", fontsize=9)
-    axes[0, 0].set_ylabel("x_t", fontsize=9)
-    axes[1, 0].set_ylabel("predicted x_0", fontsize=9)
+        axes[0, col].set_title(f"t={t}", fontsize=8.5)
+    axes[0, 0].set_ylabel("x_t", fontsize=8.5)
+    axes[1, 0].set_ylabel("predicted\nx_0", fontsize=8.5)
     fig.suptitle(f"Digit {args.label} from noise (T={T}, w={args.w:g}, seed {args.seed})", fontsize=10)
     utils.save_figure(fig, args.out)
 
@@ -473,7 +548,9 @@ def cmd_trajectory(args, device):
     per_sample_iqr = [float(np.subtract(*np.percentile(settle[k][ink[k]].numpy(), [75, 25]))) for k in range(args.n) if ink[k].any()]
     share_ink = [(settle[ink] >= t).float().mean().item() for t in range(T + 1)]
     share_bg = [(settle[~ink] >= t).float().mean().item() for t in range(T + 1)]
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")
+    fig = plt.figure(figsize=(7.4, 6.2), layout="constrained")
+    grid = fig.add_gridspec(2, 2)
+    a1, a2, a3 = fig.add_subplot(grid[0, :]), fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
     a1.plot(range(T + 1), share_ink, label="ink pixels (final > 0.5)")
     a1.plot(range(T + 1), share_bg, label="background pixels")
     a1.invert_xaxis()
@@ -549,6 +626,8 @@ def augment(images, gen, degrees=10.0, scale=0.1, shift=2.0):
 
 def cmd_classifier(args, device):
     utils.ensure_writable_dir(args.out)
+    precision, why = utils.resolve_precision(args.precision, device)
+    print(f"precision: {precision} ({why})", flush=True)
     images, labels = load_mnist(args.data, "train")
     test_x, test_y = load_mnist(args.data, "test")
     if args.limit:
@@ -569,7 +648,7 @@ def cmd_classifier(args, device):
             x = augment(images[idx], gen).to(device)
             for group in optimizer.param_groups:
                 group["lr"] = utils.cosine_lr(step, steps, 1e-3, warmup=100)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 loss = F.cross_entropy(clf(x).float(), labels[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -580,7 +659,7 @@ def cmd_classifier(args, device):
     acc = (batched(clf, test_x.to(device)).argmax(1).cpu() == test_y).float().mean().item()
     utils.save_checkpoint(args.out, {"kind": CLASSIFIER_KIND, "model": clf.state_dict(),
                                      "train": {"seed": args.seed, "epochs": args.epochs, "images": len(images),
-                                               "precision": args.precision, "test_accuracy": acc,
+                                               "precision": precision, "test_accuracy": acc,
                                                "seconds": round(time.perf_counter() - start, 1)}})
     print(f"wrote {args.out}: test accuracy {acc:.4f}")
 
@@ -633,6 +712,17 @@ def per_class(images, labels, n, gen=None):
 
 def cmd_evaluate(args, device):
     utils.ensure_writable_dir(args.out)
+    figure = os.path.splitext(args.out)[0] + ".png"
+    if args.replot:  # the figure again from the saved numbers, with no sampling
+        try:
+            with open(args.out) as f:
+                plot_evaluation(json.load(f), figure)
+        except FileNotFoundError:
+            raise utils.UserError(f"{args.out} not found; make it with `python mnist_ddpm.py evaluate --out {args.out}`") from None
+        except (ValueError, KeyError, TypeError):
+            raise utils.UserError(f"{args.out} is not an evaluation file of `python mnist_ddpm.py evaluate`") from None
+        print(f"wrote {figure} from {args.out}")
+        return
     model, diffusion, ckpt = load_unet(args.checkpoint, args.T, device)
     utils.check_steps(args.steps, diffusion)
     clf, clf_ckpt = load_classifier(args.classifier, device)
@@ -698,7 +788,6 @@ def cmd_evaluate(args, device):
         print(f"w={w:g}, {sampler} {steps} steps: accuracy {entry['accuracy']:.3f}, Frechet {entry['frechet_distance']:.2f} "
               f"(floor {result['frechet_floor_train_vs_test']:.2f}), diversity {entry['diversity_ratio']:.2f} of real, "
               f"{entry['sampling_seconds']:.0f} s", flush=True)
-    figure = os.path.splitext(args.out)[0] + ".png"
     plot_evaluation(result, figure)
     print(f"wrote {args.out} and {figure}")
 
@@ -721,7 +810,10 @@ def plot_evaluation(result, out):
     keys = [entry_key(e, result["T"]) for e in result["by_w"]]
     # the w values evaluated at three or more step counts get a panel against the steps
     ws_with_steps = sorted({k[0] for k in keys if len({j[2] for j in keys if j[0] == k[0]}) > 2})
-    fig, axes = plt.subplots(1, 4 if ws_with_steps else 3, figsize=(16 if ws_with_steps else 12, 3.6))
+    fig, axes = plt.subplots(2, 2, figsize=(7.4, 6.4))
+    axes = axes.flat
+    if not ws_with_steps:
+        axes[3].axis("off")
     settings = sorted({key[1:3] for key in keys}, key=lambda s: (s[0], -s[1]))
     for sampler, steps in settings:
         entries = sorted((e for e in result["by_w"] if entry_key(e, result["T"])[1:3] == (sampler, steps)), key=lambda e: e["w"])
@@ -752,13 +844,13 @@ def plot_evaluation(result, out):
         axes[3].set_xticks(steps, [str(k) for k in steps])
         axes[3].set_xlabel("sampling steps")
         axes[3].set_title("Frechet distance against sampling steps", fontsize=9)
-        axes[3].legend(fontsize=7)
+        axes[3].legend(fontsize=7.5)
     titles = ("classified as the requested digit (%)", "Frechet distance to real test digits",
               "within-class diversity, % of real")
     for ax, title in zip(axes[:3], titles):
         ax.set_xlabel("guidance strength w")
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7.5)
     fig.suptitle(f"MNIST samples, {result['n_per_digit']} per digit (T={result['T']}, seed {result['seed']})", fontsize=10)
     fig.tight_layout()
     utils.save_figure(fig, out)
@@ -789,11 +881,13 @@ def build_parser():
     q.add_argument("--lr", type=utils.positive_float, default=1e-3, help="peak Adam learning rate, warm-up then cosine decay (default 1e-3)")
     q.add_argument("--p-uncond", type=utils.fraction, default=0.1, help="probability of dropping the label, for classifier-free guidance (default 0.1)")
     q.add_argument("--ema", type=utils.fraction, default=0.999, help="EMA decay of the weights used for sampling (default 0.999)")
-    q.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                   help="arithmetic of the forward and backward pass: bf16 runs convolutions and matrix products in "
-                        "bfloat16 (weights, loss and Adam stay float32), about 1.25x faster than fp32 on CPUs with "
-                        "AVX512-BF16 or AMX, as the shipped model was trained; on CPUs without them, or GPUs older "
-                        "than Ampere, fp32 is faster (default bf16)")
+    utils.add_precision_flag(q, "training")
+    q.add_argument("--res-layers", type=utils.positive_int, default=1, help="residual layers in each block (default 1)")
+    q.add_argument("--embedding", choices=["bias", "scale-shift"], default="bias",
+                   help="how the step-and-class embedding enters each residual layer: an added bias, or a scale "
+                        "and shift of the normalised features (default bias)")
+    q.add_argument("--min-snr", type=utils.positive_float, default=None, metavar="GAMMA",
+                   help="weight each example's loss by min(SNR, GAMMA) / SNR (Min-SNR weighting; default: unweighted)")
     q.add_argument("--channels", type=utils.positive_int, nargs=4, default=[16, 32, 64, 64], metavar="C",
                    help="features of the four blocks, multiples of 8 (default 16 32 64 64)")
     q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with x_train, y_train, x_test, y_test (default {DEFAULT_DATA})")
@@ -807,9 +901,7 @@ def build_parser():
                                    "each image randomly turned (up to 10 degrees), scaled (up to 10%) and moved "
                                    "(about 2 pixels) at every step; the test accuracy is printed and stored.")
     q.add_argument("--epochs", type=utils.positive_int, default=20, help="passes over the training images (default 20)")
-    q.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                   help="arithmetic of the forward and backward pass: bf16 is faster on CPUs with AVX512-BF16 "
-                        "or AMX, fp32 elsewhere; see train --help (default bf16)")
+    utils.add_precision_flag(q, "training")
     q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with the MNIST arrays (default {DEFAULT_DATA})")
     q.add_argument("--limit", type=utils.positive_int, default=None, help="train on the first N images only (for quick trials)")
     q.add_argument("--out", default=DEFAULT_CLASSIFIER, help=f"classifier path (default {DEFAULT_CLASSIFIER})")
@@ -831,6 +923,13 @@ def build_parser():
     q.add_argument("--w", type=utils.guidance_strength, default=DEFAULT_W, help=f"guidance strength of the main grid (default {DEFAULT_W})")
     q.add_argument("--ws", type=utils.guidance_strength, nargs="+", default=[0.0, 1.0, 3.0, 6.0], help="guidance strengths to compare (default 0 1 3 6)")
     q.add_argument("--out", default=os.path.join("figures", "mnist_grid.png"), help="main grid file; the comparison goes beside it with _w added")
+    common(q)
+
+    q = sub.add_parser("progress", help="how samples improve during training (from the checkpoint's snapshots)",
+                       description="figures/mnist_training.png: the digits 0-9 drawn from the same noise (w = 0, "
+                                   f"{SNAPSHOT_STEPS} DDIM steps) after epochs 1, 2, 4, 8, ... and the last, as stored "
+                                   "in the checkpoint by train; nothing is sampled here.")
+    q.add_argument("--out", default=os.path.join("figures", "mnist_training.png"), help="the figure to write")
     common(q)
 
     q = sub.add_parser("animate", help="a GIF of one sample of each digit forming from noise",
@@ -862,6 +961,7 @@ def build_parser():
     q.add_argument("--out", default=os.path.join("figures", "mnist_eval.json"),
                    help="where the results go (JSON; the figure goes beside it as .png). Settings already in this file "
                         "from the same model, n, seed and classifier are kept, not sampled again")
+    q.add_argument("--replot", action="store_true", help="only redraw the figure from the results already in --out")
     common(q)
     utils.add_sampler_flags(q)
     return p
@@ -892,7 +992,7 @@ def main():
 
 
 COMMANDS = {"train": cmd_train, "classifier": cmd_classifier, "sample": cmd_sample, "grid": cmd_grid,
-            "trajectory": cmd_trajectory, "evaluate": cmd_evaluate, "animate": cmd_animate}
+            "trajectory": cmd_trajectory, "evaluate": cmd_evaluate, "animate": cmd_animate, "progress": cmd_progress}
 
 if __name__ == "__main__":
     utils.run_main(main)

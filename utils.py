@@ -85,10 +85,15 @@ class Diffusion:
         abar = extract(self.alphas_cumprod, t, x_0.shape)
         return abar.sqrt() * x_0 + (1 - abar).sqrt() * noise
 
-    def training_loss(self, model, x_0, y, generator, p_uncond=0.1, loss_type="l2"):
+    def training_loss(self, model, x_0, y, generator, p_uncond=0.1, loss_type="l2", min_snr=None):
         """The simplified DDPM objective E_{t, x_0, eps} || eps - eps_theta(x_t, t, y) || (Ho et al.
         2020 eq. 14), with each label replaced by NULL_LABEL with probability p_uncond so that
         one network also learns the unconditional eps(x_t, t, none) (Ho & Salimans 2022, alg. 1).
+
+        min_snr = gamma weights each example's squared error by min(SNR_t, gamma) / SNR_t with
+        SNR_t = abar_t / (1 - abar_t) (Min-SNR weighting, Hang et al. 2023, eq. 7 for the noise
+        prediction): the nearly clean steps, where predicting the noise is hard and matters
+        little, stop dominating the loss. Only with the l2 loss.
 
         x_0: (B, ...) clean data; y: (B,) int64 labels or None. Returns the scalar mean loss.
         """
@@ -99,7 +104,15 @@ class Diffusion:
             drop = torch.rand(B, generator=generator, device=device) < p_uncond
             y = torch.where(drop, torch.full_like(y, NULL_LABEL), y)
         eps_pred = model(self.q_sample(x_0, t, noise), t, y)
-        return noise_loss(eps_pred, noise, loss_type)
+        if min_snr is None:
+            return noise_loss(eps_pred, noise, loss_type)
+        if loss_type != "l2":
+            raise ValueError("min_snr weighting is defined for the l2 loss only")
+        abar = self.alphas_cumprod.to(device)[t]
+        snr = abar / (1 - abar)
+        weight = (snr.clamp(max=min_snr) / snr).float()
+        per_example = (eps_pred.float() - noise).square().flatten(1).mean(1)
+        return (weight * per_example).mean()
 
     def predict_x0(self, x_t, t, eps):
         """The clean image implied by a noise prediction: x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
@@ -299,14 +312,14 @@ def cosine_lr(step, total, lr, warmup):
 
 
 def train_step(model, ema, optimizer, diffusion, x_0, y, generator, lr, p_uncond=0.1, loss_type="l2", clip=1.0,
-               bf16=False):
+               bf16=False, min_snr=None):
     """One optimisation step on a batch: loss, backward, gradient clipping, Adam, EMA. Returns the loss.
     With bf16, the model's matrix products and convolutions run in bfloat16 (torch.autocast);
     the weights, their gradients, the loss and the optimiser stay float32."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with torch.autocast(x_0.device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = diffusion.training_loss(model, x_0, y, generator, p_uncond, loss_type)
+        loss = diffusion.training_loss(model, x_0, y, generator, p_uncond, loss_type, min_snr)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -338,6 +351,51 @@ def restore_training_state(state, model, ema, optimizer, **generators):
 def make_generator(seed, device="cpu"):
     """An explicit random generator: every random draw in the project goes through one."""
     return torch.Generator(device=device).manual_seed(int(seed))
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def native_bf16(device):
+    """(True/False, reason): does this device compute in bfloat16 natively, so that bf16 is faster
+    than fp32? On a CPU: the AMX or AVX512-BF16 instructions (x86) or BF16 (ARM) in /proc/cpuinfo;
+    without them torch emulates bfloat16 and is slower than in float32."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported(including_emulation=False)
+        return ok, f"{torch.cuda.get_device_name(device)} {'supports' if ok else 'lacks'} bfloat16"
+    if device.type != "cpu":
+        return False, f"{device.type}: float32 is the safe choice"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set()
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags.update(line.split(":", 1)[1].split())
+    except OSError:
+        return False, "cannot read /proc/cpuinfo to find bfloat16 support"
+    found = sorted(flags & {"amx_bf16", "avx512_bf16", "bf16"})
+    if found:
+        return True, f"the CPU has native bfloat16 ({', '.join(found)})"
+    return False, "the CPU has no native bfloat16 (no amx_bf16 / avx512_bf16), so bf16 would be emulated and slower"
+
+
+def resolve_precision(name, device):
+    """'auto' -> 'bf16' where the device computes bfloat16 natively, else 'fp32'; 'bf16' and
+    'fp32' stay as given. Returns (precision, one-line reason)."""
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}")
+    if name != "auto":
+        return name, "as asked"
+    native, why = native_bf16(device)
+    return ("bf16" if native else "fp32"), why
+
+
+def add_precision_flag(parser, what):
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help=f"arithmetic of {what}: bf16 runs matrix products and convolutions in bfloat16 "
+                             "(weights, loss and optimiser stay float32), fp32 in float32; auto (default) picks "
+                             "bf16 only where the hardware computes it natively (a CPU with AMX or AVX512-BF16, "
+                             "a GPU with bfloat16), since emulated bfloat16 is slower than float32")
 
 
 def pick_device(name):

@@ -28,7 +28,7 @@ import utils
 from gmm import TwoPixelGMM
 
 TASKS = ("samples", "trajectory", "tsweep", "guidance", "loss", "fast", "classifier", "schedules", "animate", "report",
-         "all", "studies")
+         "all", "handout", "studies")
 SWEEP_T = (5, 10, 25, 50)
 DATA_BOX = (-0.15, 1.25)  # the pixel-value window of every panel that shows x_0
 # Every two-pixel chain clips its predicted clean point x0_hat to this box, 7.5 standard
@@ -42,9 +42,9 @@ def build_parser():
     p = utils.ArgumentParser(description=__doc__, formatter_class=utils.argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=TASKS, required=True,
                    help="what to make: a figure (trajectory, tsweep, guidance, loss; studies: fast, classifier, schedules), "
-                        "animate (GIF), report (PDF), all (the handout's figures, then the report), studies (the three "
-                        "studies), "
-                        "or samples (an (n, 2) float32 array of pixel values)")
+                        "animate (GIF), report (REPORT.md typeset as figures/report.pdf), handout (its four figures), "
+                        "studies (the three studies), all (every two-pixel figure, then the report; "
+                        "python reproduce.py remakes the MNIST figures too), or samples (an (n, 2) float32 array of pixel values)")
     p.add_argument("--figures", default="figures", help="directory for figures and their JSON (default figures)")
     p.add_argument("--checkpoint-dir", default="checkpoints", help="folder of the twopixel_T{T}.pt checkpoints (default checkpoints)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -204,21 +204,26 @@ def task_trajectory(args, device, T=50, n=10_000, times=(50, 40, 30, 20, 10, 0))
     x_T = torch.randn(n, 1, 2, generator=gen, device=device)
     traj = diffusion.sample_trajectory(model, x_T, None, 0.0, gen, clip_x0=CLIP_X0).reshape(T + 1, n, 2).cpu().numpy()
     path = traj[:, 0]  # the drawn chain: x_T ... x_0 of the first starting point
-    fig, axes = plt.subplots(2, len(times), figsize=(3.0 * len(times), 6.4))
+    # two bands of three steps; in each band the learned density sits above the exact one
+    cols = 3
+    bands = -(-len(times) // cols)
+    fig, axes = plt.subplots(2 * bands, cols, figsize=(7.4, 5.0 * bands))
     numbers = {"T": T, "n_chains": n, "seed": args.seed, "panels": []}
-    for col, t in enumerate(times):
+    for k, t in enumerate(times):
+        band, col = divmod(k, cols)
         box = panel_box(diffusion, t)
         learned = density(traj[t], box)
         exact = true_density(gmm, box, 1.0 if t == 0 else diffusion.alphas_cumprod[t - 1].item())
-        vmax = max(learned.max(), exact.max())  # one colour scale per column (same t)
+        vmax = max(learned.max(), exact.max())  # one colour scale per step, for both panels
         for row, dens in enumerate((learned, exact)):
-            ax = axes[row, col]
+            ax = axes[2 * band + row, col]
             show_density(ax, dens, box, vmax)
             ax.plot(path[t:, 0], path[t:, 1], "-", color="white", lw=1.0, alpha=0.9)
-            ax.plot(path[t, 0], path[t, 1], "o", color="red", ms=5)
+            ax.plot(path[t, 0], path[t, 1], "o", color="red", ms=4)
             label_axes(ax, left=col == 0, bottom=row == 1)
-        axes[0, col].set_title(f"learned p(x_t), t={t}" if t else "learned p(x_0) (samples)", fontsize=10)
-        axes[1, col].set_title(f"exact q(x_t), t={t}" if t else "ground truth q(x_0)", fontsize=10)
+            ax.tick_params(labelsize=8)
+        axes[2 * band, col].set_title(f"learned p(x_t), t={t}" if t else "learned p(x_0) (samples)", fontsize=9)
+        axes[2 * band + 1, col].set_title(f"exact q(x_t), t={t}" if t else "ground truth q(x_0)", fontsize=9)
         # the chains at step t against the true forward process: 5000 fresh x_0 noised to step t
         x_0, _ = gmm.sample(5000, utils.make_generator(args.seed + 1))
         exact_t = x_0 if t == 0 else diffusion.q_sample(
@@ -228,9 +233,9 @@ def task_trajectory(args, device, T=50, n=10_000, times=(50, 40, 30, 20, 10, 0))
                                   "mean_chains": traj[t].mean(0).tolist(), "std_chains": traj[t].std(0).tolist(),
                                   "mean_exact": exact_t.mean(0).tolist(), "std_exact": exact_t.std(0).tolist(),
                                   "energy_distance_chains_to_exact": utils.energy_distance(torch.from_numpy(traj[t][:5000]), exact_t)})
-    fig.suptitle(f"T={T}: density of {n} chains at step t (top) vs the exact noised marginal (bottom); "
-                 "each column has its own axes and one colour scale for both rows. White: one chain from x_T up "
-                 "to step t, red: its x_t", fontsize=10)
+    fig.suptitle(f"T={T}: density of {n} chains at step t above the exact noised marginal;\n"
+                 "each step has its own axes and one colour scale for both panels. "
+                 "White: one chain from x_T up to step t, red: its x_t", fontsize=9)
     fig.tight_layout()
     out = os.path.join(args.figures, "twopixel_trajectory.png")
     utils.save_figure(fig, out)
@@ -290,15 +295,18 @@ def task_guidance(args, device, T=50, ws=(0.0, 1.0, 4.0), n=2000, starts=6):
 
     x_T = torch.randn(starts, 1, 2, generator=utils.make_generator(args.seed, device), device=device)
     runs = {label: chains(x_T, label) for label in (0, 1, None)}
-    fig, axes = plt.subplots(1, 2 + len(ws), figsize=(4.2 * (2 + len(ws)), 4.4))
+    fig = plt.figure(figsize=(7.4, 7.2))
+    grid = fig.add_gridspec(2, 2 * len(ws), height_ratios=(1.35, 1))
+    axes = [fig.add_subplot(grid[0, :len(ws)]), fig.add_subplot(grid[0, len(ws):])]
+    axes += [fig.add_subplot(grid[1, 2 * k:2 * k + 2]) for k in range(len(ws))]
     ax = axes[0]
     show_density(ax, true_density(gmm, truth_box, bins=160), truth_box, None, cmap="Greys")
     for label, traj in runs.items():
         ax.plot(traj[:, 0, 0], traj[:, 0, 1], "-o", ms=2, lw=1, color=colours[label] if label is not None else "k",
                 label=f"y={label}" if label is not None else "no label")
     ax.plot(*x_T[0, 0].cpu().numpy(), "k*", ms=12, label="x_T (shared)")
-    ax.set_title(f"One x_T, same z, three labels (T={T}, w=0)", fontsize=9)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title(f"One x_T, same z, three labels\n(T={T}, w=0)", fontsize=9)
+    ax.legend(fontsize=7.5, loc="lower left")
     label_axes(ax)
     ax = axes[1]
     show_density(ax, truth, DATA_BOX, None, cmap="Greys")
@@ -306,7 +314,7 @@ def task_guidance(args, device, T=50, ws=(0.0, 1.0, 4.0), n=2000, starts=6):
         for k in range(starts):
             ax.plot(runs[label][:12, k, 0], runs[label][:12, k, 1], "-", lw=1, color=colours[label], alpha=0.8)
             ax.plot(*runs[label][0, k], "o", ms=4, color=colours[label])
-    ax.set_title(f"{starts} starting points, last 12 steps: y=0 blue, y=1 red", fontsize=9)
+    ax.set_title(f"{starts} starting points, last 12 steps\n(y=0 blue, y=1 red)", fontsize=9)
     label_axes(ax, left=False)
     numbers = {"T": T, "seed": args.seed, "n_per_label": n, "one_start": {
         str(label): {"x_T": runs[label][T, 0].tolist(), "x_0": runs[label][0, 0].tolist()} for label in runs}, "by_w": []}
@@ -320,10 +328,11 @@ def task_guidance(args, device, T=50, ws=(0.0, 1.0, 4.0), n=2000, starts=6):
             entry[f"label{label}"] = {"share_in_class": (near == label).float().mean().item(),
                                       "mean": x.mean(0).tolist(), "std": x.std(0).tolist()}
         numbers["by_w"].append(entry)
-        ax.set_title(f"w={w:g}: {n} samples each of y=0 and y=1; std y=0 "
-                     f"{np.mean(entry['label0']['std']):.3f}, y=1 {np.mean(entry['label1']['std']):.3f}", fontsize=8)
-        label_axes(ax, left=False)
-    fig.suptitle("Classifier-free guidance on two pixels, over the ground-truth PDF (true std 0.1 per pixel)", fontsize=10)
+        ax.set_title(f"w={w:g}: std y=0 {np.mean(entry['label0']['std']):.3f},\n"
+                     f"y=1 {np.mean(entry['label1']['std']):.3f}", fontsize=9)
+        label_axes(ax, left=ax is axes[2])
+    fig.suptitle(f"Classifier-free guidance on two pixels, over the ground-truth PDF (true std 0.1 per pixel);\n"
+                 f"bottom: {n} samples each of y=0 and y=1 at three guidance strengths w", fontsize=9)
     fig.tight_layout()
     out = os.path.join(args.figures, "twopixel_guidance.png")
     utils.save_figure(fig, out)
@@ -333,7 +342,8 @@ def task_guidance(args, device, T=50, ws=(0.0, 1.0, 4.0), n=2000, starts=6):
 def task_loss(args, device):
     """Training and validation loss against steps for each T, with the oracle's loss as the floor."""
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(SWEEP_T), figsize=(4 * len(SWEEP_T), 3.4))
+    fig, axes = plt.subplots(2, 2, figsize=(7.4, 5.6), sharex=True)
+    axes = axes.flat
     numbers = {}
     for ax, T in zip(axes, SWEEP_T):
         _, _, ckpt = train.load_model(train.default_checkpoint(T, args.checkpoint_dir), T)
@@ -343,11 +353,11 @@ def task_loss(args, device):
         ax.plot(rec["step"], rec["val_loss"], label="validation (EMA weights)")
         ax.axhline(meta["oracle_val_loss"], color="k", ls="--", lw=1, label="oracle eps* (floor)")
         ax.set_yscale("log")
-        ax.set_xlabel("step")
+        ax.set_xlabel("step" if T in SWEEP_T[2:] else "")
+        ax.set_ylabel(f"noise loss ({meta['loss']})" if T in SWEEP_T[::2] else "")
         ax.set_title(f"T={T}: final val {meta['val_loss']:.4f}, floor {meta['oracle_val_loss']:.4f}", fontsize=9)
         numbers[str(T)] = {k: meta[k] for k in ("val_loss", "oracle_val_loss", "final_loss", "steps", "seconds")}
-    axes[0].set_ylabel(f"noise loss ({meta['loss']})")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7.5)
     fig.tight_layout()
     out = os.path.join(args.figures, "twopixel_loss.png")
     utils.save_figure(fig, out)
@@ -418,7 +428,9 @@ def task_schedules(args, device, n=5000):
             if schedule == "linear":
                 linear_samples[T] = learned.numpy()
         numbers["by_schedule"][schedule] = rows
-    fig, axes = plt.subplots(1, 1 + len(SWEEP_T), figsize=(4.2 * (1 + len(SWEEP_T)), 4.2))
+    fig = plt.figure(figsize=(7.4, 7.4))
+    grid = fig.add_gridspec(3, 2, height_ratios=(1.1, 1, 1))
+    axes = [fig.add_subplot(grid[0, :])] + [fig.add_subplot(grid[1 + k // 2, k % 2]) for k in range(len(SWEEP_T))]
     for schedule, colour in (("cosine", "C0"), ("linear", "C3")):
         rows = numbers["by_schedule"][schedule]
         axes[0].plot(SWEEP_T, [rows[str(T)]["energy_distance_learned"] for T in SWEEP_T], "-o", color=colour,
@@ -431,7 +443,7 @@ def task_schedules(args, device, n=5000):
     axes[0].set_xticks(SWEEP_T, [str(T) for T in SWEEP_T])
     axes[0].set_xlabel("T")
     axes[0].set_ylabel("energy distance to the ground truth")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7.5, ncol=2)
     axes[0].set_title("DDPM with T steps, two schedules", fontsize=9)
     for ax, T in zip(axes[1:], SWEEP_T):
         show_density(ax, truth, DATA_BOX, None, cmap="Greys")
@@ -439,9 +451,9 @@ def task_schedules(args, device, n=5000):
         ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.3, color="C3")
         abar_T = numbers["by_schedule"]["linear"][str(T)]["alpha_bar_T"]
         ax.set_title(f"linear schedule, T={T}: abar_T = {abar_T:.2f}", fontsize=9)
-        label_axes(ax, left=False)
-    fig.suptitle("Cosine against linear schedule (beta from 1e-4 to 0.02); samples of the linear-schedule models "
-                 "over the true PDF, fixed axes", fontsize=10)
+        label_axes(ax, left=ax in axes[1::2], bottom=ax in axes[3:])
+    fig.suptitle("Cosine against linear schedule (beta from 1e-4 to 0.02);\n"
+                 "below: samples of the linear-schedule models over the true PDF, fixed axes", fontsize=9)
     fig.tight_layout()
     out = os.path.join(args.figures, "twopixel_schedules.png")
     utils.save_figure(fig, out)
@@ -482,13 +494,19 @@ def task_classifier(args, device, T=50, n=2000, show=5.0):
                 shown[name] = xs
         numbers["by_method"][name] = rows
     truth = true_density(gmm, DATA_BOX)
-    fig, axes = plt.subplots(1, 5, figsize=(21, 4.4))
-    for ax, (name, xs) in zip(axes, shown.items()):
+    fig = plt.figure(figsize=(7.4, 6.6))
+    grid = fig.add_gridspec(2, 6, height_ratios=(1, 1.05))
+    axes = [fig.add_subplot(grid[0, 2 * k:2 * k + 2]) for k in range(3)]
+    axes += [fig.add_subplot(grid[1, :3]), fig.add_subplot(grid[1, 3:])]
+    short = ("classifier-free,\nlearned (w = s - 1)", "classifier guidance,\nlearned model and classifier",
+             "classifier guidance,\nexact eps* and Bayes")
+    for ax, (name, xs), title in zip(axes, shown.items(), short):
         show_density(ax, truth, DATA_BOX, None, cmap="Greys")
         for label, x in enumerate(xs):
             ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.3, color=("C0", "C3")[label])
-        ax.set_title(f"{name}\ns = {show:g}", fontsize=8)
+        ax.set_title(f"{title}, s = {show:g}", fontsize=8)
         label_axes(ax, left=ax is axes[0])
+        ax.tick_params(labelsize=7.5)
     for name, rows in numbers["by_method"].items():
         axes[3].plot(GUIDANCE_SCALES, [100 * np.mean(r["own_class_share"]) for r in rows], "-o", label=name)
         axes[4].plot(GUIDANCE_SCALES, [np.mean(r["std"]) for r in rows], "-o", label=name)
@@ -497,10 +515,11 @@ def task_classifier(args, device, T=50, n=2000, show=5.0):
     axes[4].axhline(gmm.std, color="k", ls=":", lw=1, label="ground truth (0.1)")
     for ax in axes[3:]:
         ax.set_xlabel("guidance scale s")
-        ax.legend(fontsize=6)
-    fig.suptitle(f"Classifier guidance and classifier-free guidance (T = {T}, {n} samples per label, same x_T and z); "
-                 "y = 0 blue, y = 1 red", fontsize=10)
-    fig.tight_layout()
+    handles, names = axes[4].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=2, fontsize=7.5, frameon=False)
+    fig.suptitle(f"Classifier guidance and classifier-free guidance (T = {T}, {n} samples per label,\n"
+                 "same x_T and z); y = 0 blue, y = 1 red", fontsize=9)
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
     out = os.path.join(args.figures, "twopixel_classifier_guidance.png")
     utils.save_figure(fig, out)
     utils.save_json(out.replace(".png", ".json"), numbers)
@@ -536,73 +555,32 @@ def task_animate(args, device, T=50, n=1000, hold=10):
     utils.save_animation(fig, draw_frame, T + 1 + hold, os.path.join(args.figures, "twopixel_flow.gif"), fps=8)
 
 
-README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+REPORT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "REPORT.md")
 
 
-def task_report(args, device, readme=README):
-    """figures/report.pdf: one page per problem, the README's text for it above its figures.
+def task_report(args, device, source=REPORT):
+    """figures/report.pdf: REPORT.md typeset by report.py. Each figure is taken from --figures
+    when it was made there, else from the repository's own copy."""
+    import report
+    import reproduce
+    here = os.path.dirname(os.path.abspath(source))
 
-    The README's Results section holds one '### Problem N' part per problem; each part's
-    images (markdown ![..](path)) are placed under its text."""
-    import re
-    import textwrap
-
-    import matplotlib.image as mpimg
-    import matplotlib.pyplot as plt
-    from matplotlib.backends.backend_pdf import PdfPages
-    if not os.path.exists(readme):
-        raise utils.UserError(f"{readme} not found; the report is built from the README's Results section")
-    text = open(readme, encoding="utf-8").read()
-    parts = re.split(r"^### ", text.split("## Results", 1)[-1].split("\n## ", 1)[0], flags=re.M)[1:]
-    if not parts:
-        raise utils.UserError(f"{readme} has no '## Results' section with '### ' parts to lay out")
-
-    def image(path):  # README's figures/X.png: from --figures if made there, else the README's own copy
+    def locate(path):
         made = os.path.join(args.figures, os.path.basename(path))
-        return made if os.path.exists(made) else os.path.join(os.path.dirname(os.path.abspath(readme)), path)
+        return made if os.path.exists(made) else os.path.join(here, path)
 
-    missing = [image(p) for part in parts for p in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", part) if not os.path.exists(image(p))]
-    if missing:
-        raise utils.UserError(f"the report needs {missing[0]}; make it first (python visualize.py --task all for two-pixel figures, python mnist_ddpm.py grid or trajectory for MNIST ones)")
     out = os.path.join(args.figures, "report.pdf")
-
-    def write(tmp):
-        with PdfPages(tmp) as pdf:
-            for part in parts:
-                title, body = part.split("\n", 1)
-                images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", body)
-                body = re.sub(r"!\[[^\]]*\]\([^)]+\)", "", body)
-                lines = []
-                for para in body.strip().split("\n\n"):
-                    para = re.sub(r"\[([^\]]+)\]\([^)]+\)", r"\1", para).replace("**", "").replace("`", "")
-                    if para.lstrip().startswith("|"):  # a table: keep its rows as they are
-                        lines += [row for row in para.strip().splitlines() if not set(row) <= set("|- ")] + [""]
-                    else:
-                        lines += textwrap.wrap(" ".join(para.split()), 105) + [""]
-                fig = plt.figure(figsize=(8.27, 11.69))  # A4
-                fig.text(0.06, 0.97, title.strip(), fontsize=13, weight="bold", va="top")
-                fig.text(0.06, 0.94, "\n".join(lines), fontsize=6.5, va="top", family="monospace")
-                text_h = 0.03 + 0.0116 * len(lines)
-                if images:  # one column of images, or two when there are more than two
-                    cols = 1 if len(images) <= 2 else 2
-                    rows = -(-len(images) // cols)
-                    h, w = (0.92 - text_h) / rows, 0.92 / cols
-                    for k, path in enumerate(images):
-                        r, c = divmod(k, cols)
-                        ax = fig.add_axes([0.04 + c * w, 0.92 - text_h - (r + 1) * h, w * 0.97, h * 0.97])
-                        ax.imshow(mpimg.imread(image(path)))
-                        ax.axis("off")
-                pdf.savefig(fig)
-                plt.close(fig)
-    utils.atomic_write(out, write)
-    print(f"wrote {out} ({len(parts)} pages)")
+    pages, _ = report.render(source, out, locate, reproduce.maker)
+    print(f"wrote {out} ({pages} pages)")
 
 
 FIGURE_TASKS = {"trajectory": task_trajectory, "tsweep": task_tsweep, "guidance": task_guidance,
                 "loss": task_loss, "fast": task_fast, "classifier": task_classifier, "schedules": task_schedules,
                 "report": task_report, "animate": task_animate}
-GROUPS = {"all": ("trajectory", "tsweep", "guidance", "loss", "report"),  # the handout's figures, then the report
-          "studies": ("fast", "classifier", "schedules")}  # the studies beyond the handout
+HANDOUT = ("trajectory", "tsweep", "guidance", "loss")
+STUDIES = ("fast", "classifier", "schedules")  # beyond the handout
+GROUPS = {"all": HANDOUT + STUDIES + ("report",),  # every two-pixel figure, then the report
+          "handout": HANDOUT, "studies": STUDIES}
 
 
 def main():

@@ -37,6 +37,9 @@ def tiny_ckpt(root, small_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("mnist") / "tiny.pt"
     r = run(root, "train", *TINY_MODEL, "--epochs", 3, "--data", small_data, "--out", out)
     assert r.returncode == 0, r.stderr
+    # --precision auto (the default) says what it chose and why
+    precision, why = utils.resolve_precision("auto", torch.device("cpu"))
+    assert f"precision: {precision} ({why})" in r.stdout
     return out
 
 
@@ -45,7 +48,7 @@ def test_blocks_have_residual_layers_and_attention_with_the_right_shapes():
     net = M.MnistUNet(cfg)
     assert len(net.down) == 4 and len(net.up) == 4
     for block in [*net.down, *net.up]:
-        assert isinstance(block.res, M.ResidualLayer) and isinstance(block.attn, M.SelfAttention)
+        assert all(isinstance(r, M.ResidualLayer) for r in block.res) and isinstance(block.attn, M.SelfAttention)
     x = torch.randn(3, 1, 28, 28)
     t = torch.tensor([0, 4, 9])
     assert net(x, t, torch.tensor([1, -1, 9])).shape == (3, 1, 28, 28)
@@ -278,3 +281,101 @@ def test_ctrl_c_keeps_finished_epochs_and_resume_ends_like_an_uninterrupted_run(
     a, b = torch.load(full, weights_only=True), torch.load(cut, weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["train"]["history"]["loss"] == b["train"]["history"]["loss"]
+
+
+def test_precision_auto_resolves_to_what_the_hardware_supports():
+    cpu = torch.device("cpu")
+    native, why = utils.native_bf16(cpu)
+    assert utils.resolve_precision("auto", cpu) == ("bf16" if native else "fp32", why) and why
+    with open("/proc/cpuinfo") as f:  # the same answer from the CPU's own flags
+        flags = set(" ".join(line.split(":", 1)[1] for line in f if line.startswith(("flags", "Features"))).split())
+    assert native == bool(flags & {"amx_bf16", "avx512_bf16", "bf16"})
+    assert utils.resolve_precision("fp32", cpu)[0] == "fp32" and utils.resolve_precision("bf16", cpu)[0] == "bf16"
+    with pytest.raises(ValueError, match="auto, bf16, fp32"):
+        utils.resolve_precision("fp16", cpu)
+
+
+def test_scale_shift_with_a_silent_embedding_is_the_plain_layer():
+    torch.manual_seed(0)
+    plain, modulated = M.ResidualLayer(8, 16, 12, 4), M.ResidualLayer(8, 16, 12, 4, scale_shift=True)
+    shared = {k: v for k, v in plain.state_dict().items() if not k.startswith("emb.")}
+    modulated.load_state_dict({**modulated.state_dict(), **shared})
+    for layer in (plain, modulated):
+        torch.nn.init.zeros_(layer.emb.weight)
+        torch.nn.init.zeros_(layer.emb.bias)
+    x, emb = torch.randn(3, 8, 7, 7), torch.randn(3, 12)
+    assert torch.allclose(plain(x, emb), modulated(x, emb), atol=1e-6)
+    # a scale of -1 switches the second convolution's input off: only the skip path and conv2's bias remain
+    torch.nn.init.constant_(modulated.emb.bias[:16], -1.0)
+    expected = modulated.skip(x) + modulated.conv2.bias[None, :, None, None]
+    assert torch.allclose(modulated(x, emb), expected, atol=1e-5)
+    net = M.MnistUNet(M.MnistUNetConfig(T=10, channels=(8, 8, 16, 16), res_layers=2, scale_shift=True))
+    assert all(len(block.res) == 2 for block in [*net.down, *net.up])
+    assert net(torch.randn(2, 1, 28, 28), torch.tensor([0, 9]), torch.tensor([3, -1])).shape == (2, 1, 28, 28)
+
+
+def test_min_snr_weights_each_example_by_min_snr_over_snr():
+    diffusion = utils.Diffusion(20, "cosine")
+    x_0 = torch.zeros(64, 1, 4, 4)
+    zero = lambda x, t, y: torch.zeros_like(x)  # eps_pred = 0: each example's loss is mean(noise^2)
+    gamma = 5.0
+    loss = diffusion.training_loss(zero, x_0, None, utils.make_generator(3), min_snr=gamma)
+    gen = utils.make_generator(3)  # the same draws by hand
+    t = torch.randint(0, 20, (64,), generator=gen)
+    noise = torch.randn(x_0.shape, generator=gen)
+    snr = diffusion.alphas_cumprod[t] / (1 - diffusion.alphas_cumprod[t])
+    weight = torch.where(snr > gamma, gamma / snr, torch.ones_like(snr))
+    assert loss.item() == pytest.approx((weight * noise.square().mean((1, 2, 3))).mean().item(), rel=1e-5)
+    assert (weight < 1).any() and (weight == 1).any()  # both regimes are exercised
+    # a gamma above every SNR weighs nothing: the plain loss
+    plain = diffusion.training_loss(zero, x_0, None, utils.make_generator(3))
+    assert diffusion.training_loss(zero, x_0, None, utils.make_generator(3), min_snr=1e9).item() == pytest.approx(plain.item())
+
+
+def test_chunked_sampling_passes_give_the_one_batch_result(monkeypatch):
+    torch.manual_seed(0)
+    net = M.MnistUNet(M.MnistUNetConfig(T=10, channels=(8, 8, 16, 16))).eval()
+    x, t, y = torch.randn(7, 1, 28, 28), torch.arange(7), torch.tensor([0, 1, 2, -1, 4, 5, -1])
+    with torch.no_grad():
+        monkeypatch.setattr(M, "CHUNK", 1000)
+        whole = net(x, t, y)
+        monkeypatch.setattr(M, "CHUNK", 3)
+        chunked = net(x, t, y)
+    assert torch.allclose(whole, chunked, atol=1e-5)
+    diffusion = utils.Diffusion(10, "cosine")
+    monkeypatch.setattr(M, "CHUNK", 1000)
+    a = M.draw(net, diffusion, torch.arange(6), 1.0, 0, "cpu")
+    monkeypatch.setattr(M, "CHUNK", 4)  # the guided pass of 6 digits is 12 images: three chunks
+    b = M.draw(net, diffusion, torch.arange(6), 1.0, 0, "cpu")
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_checkpoints_from_before_res_layers_still_load(tmp_path):
+    torch.manual_seed(0)
+    cfg = M.MnistUNetConfig(T=10, channels=(8, 8, 16, 16))
+    net = M.MnistUNet(cfg)
+    old_keys = {k.replace(".res.0.", ".res."): v for k, v in net.state_dict().items()}
+    config = M.config_dict(cfg)
+    del config["res_layers"], config["scale_shift"]
+    path = tmp_path / "old.pt"
+    utils.save_checkpoint(str(path), {"kind": "mnist", "T": 10, "schedule": "cosine", "model_config": config,
+                                      "model": old_keys, "train": {}})
+    model, _, _ = M.load_unet(str(path))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in net.state_dict().items())
+
+
+def test_progress_figure_and_replot(root, tiny_ckpt, tmp_path):
+    assert M.snapshot_epochs(22) == [1, 2, 4, 8, 16, 22] and M.snapshot_epochs(1) == [1]
+    hist = torch.load(tiny_ckpt, weights_only=True)["train"]["history"]
+    assert hist["snapshot_epochs"] == [1, 2, 3]
+    assert [tuple(s.shape) for s in hist["snapshots"]] == [(10, 28, 28)] * 3 and hist["snapshots"][0].dtype == torch.uint8
+    r = run(root, "progress", "--checkpoint", tiny_ckpt, "--out", tmp_path / "training.png", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
+    r = run(root, "evaluate", "--replot", "--out", tmp_path / "none.json")
+    assert r.returncode == 2 and "none.json not found" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    shipped = json.load(open(os.path.join(root, "figures", "mnist_eval.json")))
+    (tmp_path / "ev.json").write_text(json.dumps(shipped))
+    r = run(root, "evaluate", "--replot", "--out", tmp_path / "ev.json")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "ev.png").exists()

@@ -35,7 +35,9 @@ def test_all_tasks_write_their_files_and_repeat(root, tiny_dir, tmp_path):
         outs.append(figures)
     expected = ["twopixel_trajectory.png", "twopixel_trajectory.json", "twopixel_tsweep.png", "twopixel_tsweep_oracle.png",
                 "twopixel_tsweep.json", "twopixel_guidance.png", "twopixel_guidance.json", "twopixel_loss.png",
-                "twopixel_loss.json", "report.pdf"]
+                "twopixel_loss.json", "twopixel_fast_sampling.png", "twopixel_fast_sampling.json",
+                "twopixel_classifier_guidance.png", "twopixel_classifier_guidance.json", "twopixel_schedules.png",
+                "twopixel_schedules.json", "report.pdf"]
     for f in expected:
         assert (outs[0] / f).stat().st_size > 0, f
     for f in expected:
@@ -44,22 +46,31 @@ def test_all_tasks_write_their_files_and_repeat(root, tiny_dir, tmp_path):
     sweep = json.loads((outs[0] / "twopixel_tsweep.json").read_text())
     assert set(sweep["by_T"]) == {"5", "10", "25", "50"}
     assert (outs[0] / "report.pdf").read_bytes()[:4] == b"%PDF"
-
-
-def test_studies_write_their_files(root, tiny_dir, tmp_path):
-    r = run(root, "visualize.py", "--task", "studies", "--checkpoint-dir", tiny_dir, "--figures", tmp_path, "--quiet")
-    assert r.returncode == 0, r.stderr
-    for name in ("fast_sampling", "classifier_guidance", "schedules"):
-        assert (tmp_path / f"twopixel_{name}.png").stat().st_size > 0
-    fast = json.loads((tmp_path / "twopixel_fast_sampling.json").read_text())
+    fast = json.loads((outs[0] / "twopixel_fast_sampling.json").read_text())
     assert set(fast["by_sampler"]) == {"ddpm_learned", "ddpm_oracle", "ddim_learned", "ddim_oracle"}
     assert all(len(v["energy_distance"]) == len(fast["steps"]) for v in fast["by_sampler"].values())
-    guided = json.loads((tmp_path / "twopixel_classifier_guidance.json").read_text())
+    guided = json.loads((outs[0] / "twopixel_classifier_guidance.json").read_text())
     assert len(guided["by_method"]) == 3 and all(len(rows) == len(guided["scales"]) for rows in guided["by_method"].values())
-    schedules = json.loads((tmp_path / "twopixel_schedules.json").read_text())
+    schedules = json.loads((outs[0] / "twopixel_schedules.json").read_text())
     # the linear schedule of Ho et al. does not reach noise at small T; the cosine one does
     assert schedules["by_schedule"]["linear"]["5"]["alpha_bar_T"] > 0.9
     assert schedules["by_schedule"]["cosine"]["5"]["alpha_bar_T"] < 1e-3
+
+
+def test_report_names_the_command_for_a_missing_figure(root, tiny_dir, tmp_path):
+    # a report source that shows a figure nobody has made yet
+    (tmp_path / "figures").mkdir()
+    r = run(root, "visualize.py", "--task", "report", "--figures", tmp_path / "figures", "--checkpoint-dir", tiny_dir)
+    assert r.returncode == 0, r.stderr  # every figure REPORT.md shows ships in figures/
+    import visualize
+    src = tmp_path / "R.md"
+    src.write_text("# R\n\n## Problem 1\n\n![x](figures/twopixel_nothing_yet.png)\n")
+    import argparse
+    with pytest.raises(Exception, match="twopixel_nothing_yet.png"):
+        visualize.task_report(argparse.Namespace(figures=str(tmp_path / "figures")), "cpu", source=str(src))
+    src.write_text("# R\n\n## Problem 1\n\n![x](figures/twopixel_fast_sampling.png)\n")
+    with pytest.raises(Exception, match="python visualize.py --task fast"):  # made neither in --figures nor beside R.md
+        visualize.task_report(argparse.Namespace(figures=str(tmp_path / "figures")), "cpu", source=str(src))
 
 
 def test_animate_writes_a_gif(root, tiny_dir, tmp_path):

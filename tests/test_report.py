@@ -1,0 +1,95 @@
+"""report.py: REPORT.md-style Markdown typeset as a PDF; parts on new pages; one-line errors."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import report
+import utils
+
+LONG = " ".join(["A long paragraph that fills the page."] * 400)
+
+
+def write_doc(folder, image="fig.png", caption_number=1, body="Some text with **bold** and `code`."):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot(np.arange(5))
+    fig.savefig(folder / "fig.png", dpi=150)
+    plt.close(fig)
+    text = f"""# A test report
+
+A summary paragraph.
+
+## Problem 1: the first
+
+{body}
+
+| T | energy distance |
+| --- | --- |
+| 5 | 0.041 |
+| 50 | 0.0011 |
+
+![a line]({image})
+
+*Figure {caption_number}: A straight line.*
+
+## Problem 2: the second
+
+- one item
+- another item
+"""
+    (folder / "doc.md").write_text(text, encoding="utf-8")
+    return folder / "doc.md"
+
+
+def test_parse_finds_each_kind_of_block(tmp_path):
+    blocks = report.parse(write_doc(tmp_path).read_text())
+    kinds = [k for k, _ in blocks]
+    assert kinds == ["title", "para", "h2", "para", "table", "image", "h2", "list"]
+    table = blocks[kinds.index("table")][1]
+    assert table == [["T", "energy distance"], ["5", "0.041"], ["50", "0.0011"]]  # the |---| rule is dropped
+    alt, path, caption, number = blocks[kinds.index("image")][1]
+    assert (alt, caption, number) == ("a line", "A straight line.", 1)  # the caption belongs to the image
+
+
+def test_report_builds_and_each_problem_starts_a_new_page(tmp_path):
+    source = write_doc(tmp_path)
+    pages, parts = report.render(source, tmp_path / "out.pdf")
+    assert (tmp_path / "out.pdf").read_bytes()[:5] == b"%PDF-"
+    assert parts == {"Problem 1: the first": 2, "Problem 2: the second": 3} and pages == 3
+    # a part that runs over several pages pushes the next one to a fresh page after it
+    pages, parts = report.render(write_doc(tmp_path, body=LONG), tmp_path / "long.pdf")
+    assert parts["Problem 2: the second"] > parts["Problem 1: the first"] + 1 and pages == parts["Problem 2: the second"]
+
+
+def test_figures_keep_their_pixels(tmp_path):
+    # the 600 px wide test figure is placed at most 600 / 150 inches wide: never enlarged past 150 ppi
+    source = write_doc(tmp_path)
+    report.render(source, tmp_path / "out.pdf")
+    data = (tmp_path / "out.pdf").read_bytes()
+    assert b"/Width 600" in data
+
+
+def test_missing_image_and_wrong_number_are_one_line_errors(tmp_path):
+    source = write_doc(tmp_path, image="nowhere.png")
+    with pytest.raises(utils.UserError, match="nowhere.png"):
+        report.render(source, tmp_path / "out.pdf", missing_hint=lambda p: "python make_it.py")
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(report.__file__), "report.py"),
+                        "--source", str(source), "--out", str(tmp_path / "out.pdf")], capture_output=True, text=True)
+    assert r.returncode == 2 and "nowhere.png" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out.pdf").exists()
+    with pytest.raises(utils.UserError, match="numbered 2"):
+        report.render(write_doc(tmp_path, caption_number=2), tmp_path / "out.pdf")
+
+
+def test_missing_figure_names_the_command_that_makes_it(root, tmp_path):
+    import reproduce
+    assert reproduce.maker("figures/twopixel_fast_sampling.png") == "python visualize.py --task fast"
+    assert reproduce.maker("figures/mnist_eval.png") == "python mnist_ddpm.py evaluate --replot"
+    # every figure REPORT.md shows is made by a step of reproduce.py
+    shown = [b[1][1] for b in report.parse(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read()) if b[0] == "image"]
+    assert shown and all(reproduce.maker(p) for p in shown), [p for p in shown if not reproduce.maker(p)]
