@@ -103,6 +103,29 @@ class TwoPixelGMM:
         x = self.means[y] + self.std * noise
         return x.float(), y
 
+    # -- one pixel given the other -------------------------------------------------
+    def conditional(self, v, known=0):
+        """p(x_other | x_known = v): a mixture of K 1-D Gaussians N(mu_k[other], s^2) whose weights
+        are the class posteriors given the known pixel, pi_k(v) = w_k N(v; mu_k[known], s^2) / sum_j
+        (the components are isotropic, so within a component the pixels are independent).
+        known: 0 (left pixel known) or 1 (right). Returns (weights (K,), means (K,), std), float64."""
+        if known not in (0, 1):
+            raise ValueError("known must be 0 (left pixel) or 1 (right pixel)")
+        log_w = self.weights.log() + D.Normal(self.means[:, known], self.std).log_prob(torch.tensor(float(v), dtype=torch.float64))
+        return torch.softmax(log_w, dim=0), self.means[:, 1 - known].clone(), self.std
+
+    def conditional_density(self, xs, v, known=0):
+        """Density of the unknown pixel at the points xs, given the known one equals v: float64 like xs."""
+        weights, means, std = self.conditional(v, known)
+        xs = torch.as_tensor(xs, dtype=torch.float64)
+        return (weights * D.Normal(means, std).log_prob(xs[..., None]).exp()).sum(-1)
+
+    def sample_conditional(self, n, v, known=0, generator=None):
+        """n draws of the unknown pixel given the known one equals v: float32 (n,)."""
+        weights, means, std = self.conditional(v, known)
+        k = torch.multinomial(weights, n, replacement=True, generator=generator)
+        return (means[k] + std * torch.randn(n, generator=generator, dtype=torch.float64)).float()
+
     # -- the oracle ----------------------------------------------------------------
     def eps_star(self, x_t, alpha_bar, y=None):
         """Exact optimal noise prediction eps*(x_t) = -sqrt(1 - abar) grad log q(x_t) (SPEC.md section 1).

@@ -378,6 +378,167 @@ def cmd_sample(args, device):
     print(f"wrote {args.out}: {args.n} samples of digit {args.label} at w={args.w:g}")
 
 
+MASKS = ("top", "bottom", "left", "right", "centre")
+
+
+def removed_region(name):
+    """bool (28, 28), True on the pixels the mask removes: a half of the image, or the central 14 x 14."""
+    region = torch.zeros(28, 28, dtype=torch.bool)
+    halves = {"top": (slice(0, 14), slice(None)), "bottom": (slice(14, 28), slice(None)),
+              "left": (slice(None), slice(0, 14)), "right": (slice(None), slice(14, 28)),
+              "centre": (slice(7, 21), slice(7, 21))}
+    if name not in halves:
+        raise ValueError(f"unknown mask {name!r}; choose one of {', '.join(MASKS)}")
+    region[halves[name]] = True
+    return region
+
+
+def test_digit(data, index):
+    """Test digit `index`: image (28, 28) in [0, 1] and its label; a one-line error outside the split."""
+    images, labels = load_mnist(data, "test")
+    if not 0 <= index < len(images):
+        raise utils.UserError(f"--index {index}: the test split has digits 0 to {len(images) - 1}")
+    return images[index, 0], int(labels[index])
+
+
+def complete(model, diffusion, image, removed, labels, w, seed, device, progress=False):
+    """Inpaint: (n, 28, 28) in [0, 1], each `image` with the `removed` pixels filled in toward its label
+    (utils.inpaint by replacement); the kept pixels are the original's."""
+    n = len(labels)
+    gen = utils.make_generator(seed, device)
+    x_T = torch.randn(n, 1, 28, 28, generator=gen, device=device)
+    known = to_model(image).expand(n, 1, 28, 28).to(device)
+    x = utils.inpaint(diffusion, model, x_T, known, ~removed.to(device)[None, None], labels.to(device), w, gen,
+                      clip_x0=CLIP, progress=progress)
+    return torch.where(removed, to_pixels(x)[:, 0].cpu(), image)
+
+
+def edit(model, diffusion, image, t0, labels, w, seed, device, progress=False):
+    """SDEdit: (n, 28, 28) in [0, 1], `image` noised to step t0 and denoised toward `labels`."""
+    gen = utils.make_generator(seed, device)
+    x_0 = to_model(image).expand(len(labels), 1, 28, 28).to(device)
+    x = utils.sdedit(diffusion, model, x_0, t0, labels.to(device), w, gen, CLIP, progress)
+    return to_pixels(x)[:, 0].cpu()
+
+
+def cmd_inpaint(args, device):
+    if not args.out.endswith(".npy"):
+        raise utils.UserError(f"--out {args.out}: the samples file must end in .npy")
+    utils.ensure_writable_dir(args.out)
+    image, own = test_digit(args.data, args.index)
+    model, diffusion, _ = load_unet(args.checkpoint, args.T, device)
+    label = own if args.label is None else args.label
+    x = complete(model, diffusion, image, removed_region(args.mask), torch.full((args.n,), label), args.w,
+                 args.seed, device, not args.quiet)
+    utils.save_npy(args.out, x.numpy().astype(np.float32))
+    print(f"wrote {args.out}: test digit {args.index} (a {own}) without its {args.mask} part, "
+          f"completed {args.n} times toward {label} at w={args.w:g}")
+
+
+def cmd_edit(args, device):
+    if not args.out.endswith(".npy"):
+        raise utils.UserError(f"--out {args.out}: the samples file must end in .npy")
+    utils.ensure_writable_dir(args.out)
+    image, own = test_digit(args.data, args.index)
+    model, diffusion, _ = load_unet(args.checkpoint, args.T, device)
+    if not 1 <= args.t0 <= diffusion.T:
+        raise utils.UserError(f"--t0 {args.t0}: must be between 1 and T = {diffusion.T}")
+    label = own if args.label is None else args.label
+    x = edit(model, diffusion, image, args.t0, torch.full((args.n,), label), args.w, args.seed, device, not args.quiet)
+    utils.save_npy(args.out, x.numpy().astype(np.float32))
+    print(f"wrote {args.out}: test digit {args.index} (a {own}) noised to t0 = {args.t0} and denoised "
+          f"{args.n} times toward {label} at w={args.w:g}")
+
+
+PRIOR_DIGITS = 10  # test digits (the first of each label) behind the inpainting and SDEdit numbers
+PRIOR_T0 = (0.125, 0.25, 0.5, 0.75, 1.0)  # SDEdit's t0 as shares of T: 25, 50, 100, 150 and 200 at T = 200
+
+
+def cmd_prior(args, device):
+    """figures/mnist_inpaint.png and mnist_edit.png with their JSON: the model used as a prior."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    utils.ensure_writable_dir(args.out)
+    model, diffusion, _ = load_unet(args.checkpoint, args.T, device)
+    clf, _ = load_classifier(args.classifier, device)
+    read = lambda x: batched(clf, x[:, None].to(device)).argmax(1).cpu()
+    images, labels = load_mnist(args.data, "test")
+    picks = [int((labels == d).nonzero()[0]) for d in range(PRIOR_DIGITS)]  # the first test digit of each label
+    other = lambda d: (d + 5) % 10  # the label the "other" completions and edits ask for
+    folder = os.path.dirname(args.out) or "."
+    n = args.n
+
+    # 1. inpainting: for each mask, every picked digit completed n times toward its own label and
+    # toward another; how often the classifier reads the requested label
+    numbers = {"T": diffusion.T, "w": args.w, "n_per_digit": n, "digits": picks, "by_mask": {}}
+    shown = {}
+    for k, mask in enumerate(tqdm(MASKS, desc="inpainting", disable=args.quiet)):
+        removed = removed_region(mask)
+        row = {}
+        for mode in ("own", "other"):
+            hits, ink_kept = [], []
+            for j, i in enumerate(picks):
+                target = labels[i].item() if mode == "own" else other(labels[i].item())
+                x = complete(model, diffusion, images[i, 0], removed, torch.full((n,), target), args.w,
+                             args.seed + 100 * k + j, device)
+                hits.append((read(x) == target).float().mean().item())
+                if j == k:  # one digit per mask goes into the figure
+                    shown[(mask, mode)] = (i, target, x)
+            row[f"{mode}_label_read_as_requested"] = float(np.mean(hits))
+        row["removed_share_of_ink"] = float(np.mean([images[i, 0][removed].sum().item() / images[i, 0].sum().item() for i in picks]))
+        numbers["by_mask"][mask] = row
+    fig, axes = plt.subplots(len(MASKS), 2 + 2 * min(n, 3), figsize=(7.4, 1.05 * len(MASKS) + 0.6))
+    for r, mask in enumerate(MASKS):
+        i, own_target, own = shown[(mask, "own")]
+        _, other_target, moved = shown[(mask, "other")]
+        removed = removed_region(mask)
+        panels = [(images[i, 0], f"test {i}"), (torch.where(removed, torch.full_like(images[i, 0], 0.5), images[i, 0]), f"{mask} removed")]
+        panels += [(own[c], f"as {own_target}") for c in range(min(n, 3))] + [(moved[c], f"as {other_target}") for c in range(min(n, 3))]
+        for ax, (img, title) in zip(axes[r], panels):
+            ax.imshow(1 - img.numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_title(title, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"Inpainting test digits (T={diffusion.T}, w={args.w:g}): the original, what is kept (removed part grey), "
+                 "completions toward its own digit and toward another", fontsize=8.5)
+    fig.tight_layout()
+    utils.save_figure(fig, os.path.join(folder, "mnist_inpaint.png"))
+    utils.save_json(os.path.join(folder, "mnist_inpaint.json"), numbers)
+
+    # 2. SDEdit: every picked digit noised to each t0 and denoised toward its own label and another;
+    # the figure shows the first picked digit edited toward every label
+    t0s = [max(1, round(share * diffusion.T)) for share in PRIOR_T0]
+    numbers = {"T": diffusion.T, "w": args.w, "digits": picks, "t0": t0s, "by_t0": []}
+    for t0 in tqdm(t0s, desc="editing", disable=args.quiet):
+        entry = {"t0": t0, "alpha_bar": diffusion.alphas_cumprod[t0 - 1].item()}
+        for mode in ("own", "other"):
+            targets = torch.tensor([labels[i].item() if mode == "own" else other(labels[i].item()) for i in picks])
+            x = torch.cat([edit(model, diffusion, images[i, 0], t0, targets[j:j + 1], args.w, args.seed + j, device)
+                           for j, i in enumerate(picks)])
+            entry[f"{mode}_label_read_as_requested"] = (read(x) == targets).float().mean().item()
+            entry[f"{mode}_mean_abs_change"] = (x - images[picks, 0]).abs().mean().item()
+        numbers["by_t0"].append(entry)
+    i = picks[0]
+    fig, axes = plt.subplots(len(t0s), 11, figsize=(7.4, 0.72 * len(t0s) + 0.7))
+    for r, t0 in enumerate(t0s):
+        x = edit(model, diffusion, images[i, 0], t0, torch.arange(10), args.w, args.seed, device)
+        for c, img in enumerate([images[i, 0], *x]):
+            ax = axes[r, c]
+            ax.imshow(1 - img.numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title("original" if c == 0 else f"to {c - 1}", fontsize=8)
+        axes[r, 0].set_ylabel(f"t0={t0}", fontsize=8)
+    fig.suptitle(f"SDEdit: test digit {i} noised to step t0 and denoised toward each digit (T={diffusion.T}, w={args.w:g})",
+                 fontsize=8.5)
+    fig.tight_layout()
+    utils.save_figure(fig, os.path.join(folder, "mnist_edit.png"))
+    utils.save_json(os.path.join(folder, "mnist_edit.json"), numbers)
+    print(f"wrote mnist_inpaint.png/.json and mnist_edit.png/.json in {folder}")
+
+
 def cmd_animate(args, device, every=4, hold=8):
     """figures/mnist_forming.gif: one sample of each digit from noise to image, x_t above and the
     predicted clean image below, every `every` steps."""
@@ -925,6 +1086,45 @@ def build_parser():
     q.add_argument("--out", default=os.path.join("figures", "mnist_grid.png"), help="main grid file; the comparison goes beside it with _w added")
     common(q)
 
+    q = sub.add_parser("inpaint", help="complete a test digit with part of it removed",
+                       description="Save float32 (N, 28, 28) in [0, 1]: test digit --index with the --mask region "
+                                   "removed, filled in N times by the model toward --label (replacement: after every "
+                                   "step the kept pixels are set to a noised copy of the original). Pixels outside "
+                                   "the mask equal the original.")
+    q.add_argument("--index", type=int, required=True, help="which digit of the test split (0-9999)")
+    q.add_argument("--mask", choices=MASKS, required=True, help="the part removed: a half (top, bottom, left, right) "
+                                                                "or the central 14 x 14 square (centre)")
+    q.add_argument("--label", type=digit, default=None, help="the digit to complete toward (default: its own label)")
+    q.add_argument("--n", type=utils.positive_int, default=8, help="number of completions (default 8)")
+    q.add_argument("--w", type=utils.guidance_strength, default=DEFAULT_W, help=f"guidance strength (default {DEFAULT_W})")
+    q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with the test digits (default {DEFAULT_DATA})")
+    q.add_argument("--out", required=True, help="output .npy file")
+    common(q)
+
+    q = sub.add_parser("edit", help="SDEdit: noise a test digit part way and denoise it, possibly toward another digit",
+                       description="Save float32 (N, 28, 28) in [0, 1]: test digit --index noised to step --t0 and "
+                                   "denoised N times toward --label. Small t0 keeps the image, t0 = T ignores it.")
+    q.add_argument("--index", type=int, required=True, help="which digit of the test split (0-9999)")
+    q.add_argument("--t0", type=int, required=True, help="the step to noise to, 1 to T")
+    q.add_argument("--label", type=digit, default=None, help="the digit to denoise toward (default: its own label)")
+    q.add_argument("--n", type=utils.positive_int, default=8, help="number of edits (default 8)")
+    q.add_argument("--w", type=utils.guidance_strength, default=DEFAULT_W, help=f"guidance strength (default {DEFAULT_W})")
+    q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with the test digits (default {DEFAULT_DATA})")
+    q.add_argument("--out", required=True, help="output .npy file")
+    common(q)
+
+    q = sub.add_parser("prior", help="inpainting and SDEdit figures and numbers",
+                       description="figures/mnist_inpaint.png and mnist_edit.png with their JSON: the first test digit "
+                                   "of each label completed after each mask and edited by SDEdit at several t0, toward "
+                                   "its own label and toward another ((label + 5) mod 10), and how often the "
+                                   "classifier reads the requested digit.")
+    q.add_argument("--n", type=utils.positive_int, default=4, help="completions per digit, mask and target (default 4)")
+    q.add_argument("--w", type=utils.guidance_strength, default=DEFAULT_W, help=f"guidance strength (default {DEFAULT_W})")
+    q.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help=f"classifier checkpoint (default {DEFAULT_CLASSIFIER})")
+    q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with the test digits (default {DEFAULT_DATA})")
+    q.add_argument("--out", default=os.path.join("figures", "mnist_inpaint.png"), help="the inpainting figure; the SDEdit one goes beside it")
+    common(q)
+
     q = sub.add_parser("progress", help="how samples improve during training (from the checkpoint's snapshots)",
                        description="figures/mnist_training.png: the digits 0-9 drawn from the same noise (w = 0, "
                                    f"{SNAPSHOT_STEPS} DDIM steps) after epochs 1, 2, 4, 8, ... and the last, as stored "
@@ -992,7 +1192,8 @@ def main():
 
 
 COMMANDS = {"train": cmd_train, "classifier": cmd_classifier, "sample": cmd_sample, "grid": cmd_grid,
-            "trajectory": cmd_trajectory, "evaluate": cmd_evaluate, "animate": cmd_animate, "progress": cmd_progress}
+            "trajectory": cmd_trajectory, "evaluate": cmd_evaluate, "animate": cmd_animate, "progress": cmd_progress,
+            "inpaint": cmd_inpaint, "edit": cmd_edit, "prior": cmd_prior}
 
 if __name__ == "__main__":
     utils.run_main(main)

@@ -32,11 +32,13 @@ FIGURES = [
     ("figures/twopixel_fast_sampling.png", ["visualize.py", "--task", "fast"]),
     ("figures/twopixel_classifier_guidance.png", ["visualize.py", "--task", "classifier"]),
     ("figures/twopixel_schedules.png", ["visualize.py", "--task", "schedules"]),
+    ("figures/twopixel_inpaint.png", ["visualize.py", "--task", "inpaint"]),
     ("figures/twopixel_flow.gif", ["visualize.py", "--task", "animate"]),
     ("figures/mnist_grid.png figures/mnist_grid_w.png", ["mnist_ddpm.py", "grid"]),
     ("figures/mnist_trajectory.png figures/mnist_formation.png", ["mnist_ddpm.py", "trajectory"]),
     ("figures/mnist_training.png", ["mnist_ddpm.py", "progress"]),
     ("figures/mnist_forming.gif", ["mnist_ddpm.py", "animate"]),
+    ("figures/mnist_inpaint.png figures/mnist_edit.png", ["mnist_ddpm.py", "prior"]),
     ("figures/mnist_eval.png", ["mnist_ddpm.py", "evaluate", "--replot"]),
     ("figures/mnist_eval_seed1.png", ["mnist_ddpm.py", "evaluate", "--replot", "--out", "figures/mnist_eval_seed1.json"]),
 ]

@@ -253,6 +253,78 @@ def sample(diffusion, model, x_T, y=None, w=0.0, generator=None, sampler="ddpm",
     return x
 
 
+INPAINT_METHODS = ("replace", "repaint")
+
+
+@torch.no_grad()
+def inpaint(diffusion, model, x_T, known, mask, y=None, w=0.0, generator=None, resample=1, jump=1,
+            clip_x0=None, progress=False):
+    """Complete x_0 where mask is False, keeping x_0 = known where it is True, by replacement:
+    after every DDPM reverse step the known entries of x_{t-1} are overwritten with a fresh
+    draw of q(x_{t-1} | x_0 = known) = N(sqrt(abar_{t-1}) known, (1 - abar_{t-1}) I), and at the
+    end with `known` itself (Song et al. 2021, appendix; Lugmayr et al. 2022, eq. 8).
+
+    resample = r > 1 adds RePaint's resampling (Lugmayr et al. 2022, section 4.2): the chain
+    goes down `jump` steps, is sent back up those steps by the forward process
+    x_t = sqrt(abar_t / abar_s) x_s + sqrt(1 - abar_t / abar_s) z, and goes down again, r times
+    in all, so that the unknown part can adapt to the known part before moving on.
+
+    x_T: (B, ...) starting noise; known: (B, ...) (entries outside the mask are ignored);
+    mask: bool, broadcastable to x_T. Returns x_0 with x_0[mask] equal to known[mask] exactly.
+    """
+    if resample < 1 or jump < 1:
+        raise ValueError("resample and jump must be at least 1")
+    mask = mask.expand_as(x_T)
+    ones = torch.ones(1, dtype=torch.float64)
+    levels = torch.cat([ones, diffusion.alphas_cumprod])  # levels[k]: abar of x at paper step k (x_0: 1)
+
+    def replace(x, k):  # x is at paper step k: its known entries become a draw of q(x_k | known)
+        if k == 0:
+            return torch.where(mask, known, x)
+        abar = levels[k].item()
+        noisy = abar ** 0.5 * known + (1 - abar) ** 0.5 * torch.randn(x.shape, generator=generator, device=x.device)
+        return torch.where(mask, noisy, x)
+
+    x, k = x_T, diffusion.T
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=diffusion.T * resample, desc="inpainting", unit="step", leave=False)
+    while k > 0:
+        low = max(k - jump, 0)
+        for r in range(resample):
+            if r > 0:  # back up from step low to step k by the forward process
+                ratio = (levels[k] / levels[low]).item()
+                x = ratio ** 0.5 * x + (1 - ratio) ** 0.5 * torch.randn(x.shape, generator=generator, device=x.device)
+            for step in range(k, low, -1):  # x_step -> x_{step-1}; step index step - 1
+                x, _ = diffusion.p_sample(model, x, step - 1, y, w, generator, clip_x0)
+                x = replace(x, step - 1)
+                if bar is not None:
+                    bar.update(1)
+        k = low
+    if bar is not None:
+        bar.close()
+    return x
+
+
+@torch.no_grad()
+def sdedit(diffusion, model, x_0, t0, y=None, w=0.0, generator=None, clip_x0=None, progress=False):
+    """SDEdit (Meng et al. 2022): noise x_0 to paper step t0 with q(x_t0 | x_0), then run the DDPM
+    reverse chain from there (toward label y, at guidance w). t0 = 1 changes the image a little;
+    t0 = T keeps almost nothing of it (abar_T is near 0). Returns the edited x_0, shaped like x_0."""
+    if not 1 <= t0 <= diffusion.T:
+        raise ValueError(f"t0 must be between 1 and T={diffusion.T}, got {t0}")
+    t = torch.full((x_0.shape[0],), t0 - 1, dtype=torch.int64, device=x_0.device)
+    x = diffusion.q_sample(x_0, t, torch.randn(x_0.shape, generator=generator, device=x_0.device))
+    steps = range(t0 - 1, -1, -1)
+    if progress:
+        from tqdm import tqdm
+        steps = tqdm(steps, desc="editing", unit="step", leave=False)
+    for k in steps:
+        x, _ = diffusion.p_sample(model, x, k, y, w, generator, clip_x0)
+    return x
+
+
 def guided_eps(model, x_t, t, y, w):
     """Classifier-free guidance eps_bar = (1 + w) eps(x_t, t, y) - w eps(x_t, t, none)
     (Ho & Salimans 2022 eq. 6). w = 0 (or y = None) is the plain conditional (or

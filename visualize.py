@@ -27,7 +27,7 @@ import train
 import utils
 from gmm import TwoPixelGMM
 
-TASKS = ("samples", "trajectory", "tsweep", "guidance", "loss", "fast", "classifier", "schedules", "animate", "report",
+TASKS = ("samples", "trajectory", "tsweep", "guidance", "loss", "fast", "classifier", "schedules", "inpaint", "animate", "report",
          "all", "handout", "studies")
 SWEEP_T = (5, 10, 25, 50)
 DATA_BOX = (-0.15, 1.25)  # the pixel-value window of every panel that shows x_0
@@ -41,7 +41,7 @@ CLIP_X0 = (-0.5, 1.5)
 def build_parser():
     p = utils.ArgumentParser(description=__doc__, formatter_class=utils.argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=TASKS, required=True,
-                   help="what to make: a figure (trajectory, tsweep, guidance, loss; studies: fast, classifier, schedules), "
+                   help="what to make: a figure (trajectory, tsweep, guidance, loss; studies: fast, classifier, schedules, inpaint), "
                         "animate (GIF), report (REPORT.md typeset as figures/report.pdf), handout (its four figures), "
                         "studies (the three studies), all (every two-pixel figure, then the report; "
                         "python reproduce.py remakes the MNIST figures too), or samples (an (n, 2) float32 array of pixel values)")
@@ -59,6 +59,16 @@ def build_parser():
                         "-1 ignores the label (unconditional); values below -1 are refused (default 0)")
     g.add_argument("--out", default=None, help="where --task samples writes its .npy file")
     utils.add_sampler_flags(p, "sampler (--task samples)")
+    g = p.add_argument_group("inpainting (--task samples): fix one pixel, let the model fill in the other")
+    g.add_argument("--known-left", type=float, default=None, metavar="V",
+                   help="the left pixel is V in every sample (column 0 of the output equals V exactly)")
+    g.add_argument("--known-right", type=float, default=None, metavar="V", help="the right pixel is V (column 1)")
+    g.add_argument("--inpaint", choices=utils.INPAINT_METHODS, default="replace",
+                   help="replace: overwrite the known pixel with a noised copy of V after every step; repaint: "
+                        "the same with RePaint's resampling (default replace)")
+    g.add_argument("--resample", type=utils.positive_int, default=10,
+                   help="repaint: times each stretch of --jump steps is run (default 10)")
+    g.add_argument("--jump", type=utils.positive_int, default=5, help="repaint: steps gone back up before each rerun (default 5)")
     utils.add_common_flags(p)
     return p
 
@@ -74,6 +84,13 @@ def parse_args(argv=None):
         p.error("--eta applies to --sampler ddim only")
     if args.task != "samples" and (args.sampler != "ddpm" or args.steps is not None):
         p.error("--sampler and --steps apply to --task samples only; the figures fix their own samplers")
+    if args.known_left is not None and args.known_right is not None:
+        p.error("give --known-left or --known-right, not both: with both pixels known there is nothing to fill in")
+    known = args.known_left if args.known_left is not None else args.known_right
+    if known is not None and (args.task != "samples" or args.sampler != "ddpm" or args.steps is not None):
+        p.error("--known-left/--known-right apply to --task samples with the full DDPM sampler")
+    if known is not None and not np.isfinite(known):
+        p.error(f"--known-left/--known-right: expected a finite pixel value, got {known}")
     return args
 
 
@@ -87,6 +104,19 @@ def draw_samples(model, diffusion, n, seed, label=None, w=0.0, device="cpu", sam
     return x_0.reshape(n, 2).float().cpu()
 
 
+def inpaint_samples(model, diffusion, n, seed, known, value, resample=1, jump=1, label=None, w=0.0, device="cpu"):
+    """n samples (n, 2) float32 whose pixel `known` (0 left, 1 right) is exactly `value` and whose
+    other pixel the model fills in (utils.inpaint; resample = 1 is plain replacement)."""
+    gen = utils.make_generator(seed, device)
+    x_T = torch.randn(n, 1, 2, generator=gen, device=device)
+    mask = torch.zeros(1, 1, 2, dtype=torch.bool, device=device)
+    mask[..., known] = True
+    fixed = torch.full((n, 1, 2), float(value), device=device)
+    y = None if label is None else torch.full((n,), label, dtype=torch.int64, device=device)
+    x_0 = utils.inpaint(diffusion, model, x_T, fixed, mask, y, w, gen, resample, jump, clip_x0=CLIP_X0)
+    return x_0.reshape(n, 2).float().cpu()
+
+
 def task_samples(args, device):
     if not args.out.endswith(".npy"):
         raise utils.UserError(f"--out {args.out}: the samples file must end in .npy")
@@ -94,7 +124,12 @@ def task_samples(args, device):
     path = args.checkpoint or train.default_checkpoint(args.T, args.checkpoint_dir)
     model, diffusion, _ = train.load_model(path, args.T, device)
     utils.check_steps(args.steps, diffusion)
-    x = draw_samples(model, diffusion, args.n, args.seed, args.label, args.w, device, args.sampler, args.steps, args.eta)
+    if args.known_left is None and args.known_right is None:
+        x = draw_samples(model, diffusion, args.n, args.seed, args.label, args.w, device, args.sampler, args.steps, args.eta)
+    else:
+        known, value = (0, args.known_left) if args.known_left is not None else (1, args.known_right)
+        resample, jump = (args.resample, args.jump) if args.inpaint == "repaint" else (1, 1)
+        x = inpaint_samples(model, diffusion, args.n, args.seed, known, value, resample, jump, args.label, args.w, device)
     utils.save_npy(args.out, x.numpy().astype(np.float32))
     print(f"wrote {args.out}: {args.n} samples from {path}")
 
@@ -104,7 +139,7 @@ def task_samples(args, device):
 # ----------------------------------------------------------------------------------
 def needed_checkpoints(tasks):
     needs = {"trajectory": (50,), "tsweep": SWEEP_T, "guidance": (50,), "loss": SWEEP_T, "fast": (FAST_T, *SWEEP_T),
-             "classifier": (50,), "schedules": SWEEP_T, "animate": (50,)}
+             "classifier": (50,), "schedules": SWEEP_T, "animate": (50,), "inpaint": (50,)}
     return sorted({T for task in tasks for T in needs.get(task, ())})
 
 
@@ -555,6 +590,65 @@ def task_animate(args, device, T=50, n=1000, hold=10):
     utils.save_animation(fig, draw_frame, T + 1 + hold, os.path.join(args.figures, "twopixel_flow.gif"), fps=8)
 
 
+INPAINT_CASES = ((0, 0.35), (0, 0.55), (0, 1.0), (1, 0.65), (1, 0.55), (1, 0.2))  # (known pixel, its value)
+INPAINT_RUNS = (("replace", 1, 1), ("repaint", 10, 5))  # (method, resample, jump)
+
+
+def task_inpaint(args, device, T=50, n=2000):
+    """Fill in one pixel given the other with the unconditional T = 50 model and with the exact
+    oracle, by replacement and by RePaint, against the exact conditional p(x_other | x_known = v)."""
+    import matplotlib.pyplot as plt
+    from scipy import stats
+    model, diffusion = load_fig_model(args, T, device)
+    gmm = TwoPixelGMM()
+    oracle = gmm.oracle(diffusion.alphas_cumprod)
+    numbers = {"T": T, "n": n, "seed": args.seed, "cases": []}
+    fig, axes = plt.subplots(2, 3, figsize=(7.4, 5.6), sharey="row")
+    grid = np.linspace(*DATA_BOX, 300)
+    colours = {("replace", "learned"): "C0", ("replace", "oracle"): "C9", ("repaint", "learned"): "C3",
+               ("repaint", "oracle"): "C1"}
+    for ax, (known, v) in zip(axes.flat, INPAINT_CASES):
+        other = 1 - known
+        weights, means, _ = gmm.conditional(v, known)
+        exact = gmm.sample_conditional(20_000, v, known, utils.make_generator(args.seed + 100)).numpy()
+        split = means.mean().item()  # halfway between the two modes of the unknown pixel
+        first = int(means.argmax())  # the mode above the split
+
+        def summary(x):
+            return {"wasserstein": float(stats.wasserstein_distance(x, exact)),
+                    "energy_distance": float(stats.energy_distance(x, exact)),
+                    f"share_of_class{first}_mode": float(np.mean(x > split))}
+
+        upper = float((weights * (1 - torch.distributions.Normal(means, gmm.std).cdf(torch.tensor(split, dtype=torch.float64)))).sum())
+        # the floor: n fresh exact draws scored like a method's samples
+        floor = summary(gmm.sample_conditional(n, v, known, utils.make_generator(args.seed + 200)).numpy())
+        case = {"known": ("left", "right")[known], "value": v, "posterior_weights": weights.tolist(),
+                "modes": means.tolist(), "split": split, f"exact_share_of_class{first}_mode": upper,
+                "exact_n_draws": floor, "methods": {}}
+        ax.plot(grid, gmm.conditional_density(grid, v, known).numpy(), "k", lw=1.5, label="exact")
+        for method, resample, jump in INPAINT_RUNS:
+            for driver, eps_fn, dev in (("learned", model, device), ("oracle", oracle, "cpu")):
+                x = inpaint_samples(eps_fn, diffusion, n, args.seed, known, v, resample, jump, device=dev)[:, other].numpy()
+                case["methods"][f"{method}_{driver}"] = summary(x)
+                ax.hist(x, bins=60, range=DATA_BOX, density=True, histtype="step", color=colours[method, driver],
+                        label=f"{method}, {driver}")
+        numbers["cases"].append(case)
+        ax.set_title(f"{('left', 'right')[known]} = {v:g}: {('right', 'left')[known]} pixel\n"
+                     f"exact share above {split:.2f}: {100 * upper:.0f}%", fontsize=8.5)
+        ax.set_xlim(*DATA_BOX)
+        ax.tick_params(labelsize=8)
+    for ax in axes[1]:
+        ax.set_xlabel("the filled-in pixel")
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=5, fontsize=7.5, frameon=False)
+    fig.suptitle(f"Inpainting one pixel given the other (T = {T}, {n} samples per method, unconditional model)",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    out = os.path.join(args.figures, "twopixel_inpaint.png")
+    utils.save_figure(fig, out)
+    utils.save_json(out.replace(".png", ".json"), numbers)
+
+
 REPORT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "REPORT.md")
 
 
@@ -576,9 +670,9 @@ def task_report(args, device, source=REPORT):
 
 FIGURE_TASKS = {"trajectory": task_trajectory, "tsweep": task_tsweep, "guidance": task_guidance,
                 "loss": task_loss, "fast": task_fast, "classifier": task_classifier, "schedules": task_schedules,
-                "report": task_report, "animate": task_animate}
+                "report": task_report, "animate": task_animate, "inpaint": task_inpaint}
 HANDOUT = ("trajectory", "tsweep", "guidance", "loss")
-STUDIES = ("fast", "classifier", "schedules")  # beyond the handout
+STUDIES = ("fast", "classifier", "schedules", "inpaint")  # beyond the handout
 GROUPS = {"all": HANDOUT + STUDIES + ("report",),  # every two-pixel figure, then the report
           "handout": HANDOUT, "studies": STUDIES}
 

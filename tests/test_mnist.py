@@ -379,3 +379,61 @@ def test_progress_figure_and_replot(root, tiny_ckpt, tmp_path):
     r = run(root, "evaluate", "--replot", "--out", tmp_path / "ev.json")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "ev.png").exists()
+
+
+def test_inpaint_keeps_the_kept_pixels_and_edit_follows_t0(root, tiny_ckpt, small_data, tmp_path):
+    out = tmp_path / "inp.npy"
+    r = run(root, "inpaint", "--checkpoint", tiny_ckpt, "--data", small_data, "--index", 7, "--mask", "top",
+            "--n", 3, "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    x = np.load(out, allow_pickle=False)
+    image = M.load_mnist(small_data, "test")[0][7, 0].numpy()
+    assert x.shape == (3, 28, 28) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
+    assert (x[:, 14:] == image[14:]).all()  # the bottom half is kept exactly
+    assert np.abs(x[:, :14] - image[:14]).max() > 0.1  # the top half is drawn anew
+    region = M.removed_region("centre")
+    assert region.sum() == 196 and region[7:21, 7:21].all()
+    # SDEdit: with t0 = 1 the image changes little; with t0 = T the result no longer depends on it
+    model, diffusion, _ = M.load_unet(str(tiny_ckpt))
+    images = M.load_mnist(small_data, "test")[0][:2, 0]
+    labels = torch.tensor([3])
+    near = [M.edit(model, diffusion, img, 1, labels, 0.0, 0, "cpu") for img in images]
+    far = [M.edit(model, diffusion, img, diffusion.T, labels, 0.0, 0, "cpu") for img in images]
+    change_near = (near[0] - images[0]).abs().mean().item()
+    change_far = (far[0] - images[0]).abs().mean().item()
+    assert change_near < 0.5 * change_far
+    assert (far[0] - far[1]).abs().mean().item() < 0.01 and (near[0] - near[1]).abs().mean().item() > 0.05
+    r = run(root, "edit", "--checkpoint", tiny_ckpt, "--data", small_data, "--index", 0, "--t0", 5, "--label", 2,
+            "--n", 2, "--out", tmp_path / "edit.npy", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert np.load(tmp_path / "edit.npy").shape == (2, 28, 28)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["inpaint", "--index", "10000", "--mask", "top"], "digits 0 to 9999"),
+    (["inpaint", "--index", "-1", "--mask", "top"], "digits 0 to 9999"),
+    (["inpaint", "--index", "3", "--mask", "middle"], "invalid choice"),
+    (["inpaint", "--index", "3", "--mask", "left", "--label", "12"], "digit 0-9"),
+    (["edit", "--index", "3", "--t0", "0"], "between 1 and T"),
+    (["edit", "--index", "3", "--t0", "201"], "between 1 and T"),
+])
+def test_inpaint_and_edit_refuse_bad_input(root, tmp_path, args, needle):
+    r = run(root, *args, "--out", tmp_path / "x.npy")
+    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_prior_figures_and_numbers(root, tiny_ckpt, small_data, tmp_path):
+    clf = tmp_path / "clf.pt"
+    assert run(root, "classifier", "--epochs", 1, "--data", small_data, "--out", clf, "--quiet").returncode == 0
+    r = run(root, "prior", "--checkpoint", tiny_ckpt, "--classifier", clf, "--data", small_data, "--n", 1,
+            "--out", tmp_path / "mnist_inpaint.png", "--quiet")
+    assert r.returncode == 0, r.stderr
+    inp = json.loads((tmp_path / "mnist_inpaint.json").read_text())
+    assert set(inp["by_mask"]) == set(M.MASKS)
+    assert all(0 <= v["own_label_read_as_requested"] <= 1 for v in inp["by_mask"].values())
+    ed = json.loads((tmp_path / "mnist_edit.json").read_text())
+    assert ed["t0"] == [1, 2, 5, 8, 10]  # shares of T = 10
+    changes = [e["own_mean_abs_change"] for e in ed["by_t0"]]
+    assert changes[0] < changes[-1]  # the higher t0, the more of the image is redrawn
+    assert (tmp_path / "mnist_edit.png").exists() and (tmp_path / "mnist_inpaint.png").exists()

@@ -28,21 +28,22 @@ def tiny_dir(root, tmp_path_factory):
 
 def test_all_tasks_write_their_files_and_repeat(root, tiny_dir, tmp_path):
     outs = []
-    for name in ("a", "b"):
+    for name, task in (("a", "all"), ("b", "handout")):  # everything once; the handout's figures again
         figures = tmp_path / name
-        r = run(root, "visualize.py", "--task", "all", "--checkpoint-dir", tiny_dir, "--figures", figures, "--quiet")
+        r = run(root, "visualize.py", "--task", task, "--checkpoint-dir", tiny_dir, "--figures", figures, "--quiet")
         assert r.returncode == 0, r.stderr
         outs.append(figures)
     expected = ["twopixel_trajectory.png", "twopixel_trajectory.json", "twopixel_tsweep.png", "twopixel_tsweep_oracle.png",
                 "twopixel_tsweep.json", "twopixel_guidance.png", "twopixel_guidance.json", "twopixel_loss.png",
                 "twopixel_loss.json", "twopixel_fast_sampling.png", "twopixel_fast_sampling.json",
                 "twopixel_classifier_guidance.png", "twopixel_classifier_guidance.json", "twopixel_schedules.png",
-                "twopixel_schedules.json", "report.pdf"]
+                "twopixel_schedules.json", "twopixel_inpaint.png", "twopixel_inpaint.json", "report.pdf"]
     for f in expected:
         assert (outs[0] / f).stat().st_size > 0, f
     for f in expected:
-        if f.endswith(".json") and f != "twopixel_loss.json":  # the loss record holds training seconds
+        if (outs[1] / f).exists() and f.endswith(".json") and f != "twopixel_loss.json":  # the loss record holds seconds
             assert json.loads((outs[0] / f).read_text()) == json.loads((outs[1] / f).read_text()), f
+    assert len(list(outs[1].glob("*.json"))) == 4
     sweep = json.loads((outs[0] / "twopixel_tsweep.json").read_text())
     assert set(sweep["by_T"]) == {"5", "10", "25", "50"}
     assert (outs[0] / "report.pdf").read_bytes()[:4] == b"%PDF"
