@@ -185,7 +185,9 @@ def render(source, out, locate=None, missing_hint=None):
     def table(rows):
         ncol = max(len(r) for r in rows)
         rows = [r + [""] * (ncol - len(r)) for r in rows]
-        widths = [max(4, min(40, max(len(plain(r[c])) for r in rows))) for c in range(ncol)]
+        # room for the longest body cell on one line, and for the header on about two
+        widths = [min(40, max(4, len(plain(rows[0][c])) / 2, *(len(plain(r[c])) for r in rows[1:]),
+                              *(len(word) for r in rows for word in plain(r[c]).split()))) for c in range(ncol)]
         pdf.set_font("Sans", "", TABLE_PT)
         with pdf.table(col_widths=widths, width=pdf.epw, line_height=TABLE_PT * 0.3528 * 1.5,
                        headings_style=FontFace(emphasis="BOLD", fill_color=(232, 236, 242)),

@@ -38,7 +38,6 @@ FIGURES = [
     ("figures/mnist_trajectory.png figures/mnist_formation.png", ["mnist_ddpm.py", "trajectory"]),
     ("figures/mnist_training.png", ["mnist_ddpm.py", "progress"]),
     ("figures/mnist_forming.gif", ["mnist_ddpm.py", "animate"]),
-    ("figures/mnist_inpaint.png figures/mnist_edit.png", ["mnist_ddpm.py", "prior"]),
     ("figures/mnist_eval.png", ["mnist_ddpm.py", "evaluate", "--replot"]),
     ("figures/mnist_eval_seed1.png", ["mnist_ddpm.py", "evaluate", "--replot", "--out", "figures/mnist_eval_seed1.json"]),
 ]
