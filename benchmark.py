@@ -200,7 +200,7 @@ def main():
         print(f"MNIST 100-digit grid, T={m['T']}, w={m['w']:g}: {m['grid_seconds_fp32']:.1f} s in fp32, "
               f"{m['grid_seconds_bf16']:.1f} s in bf16; one guided step of 200 images: "
               + ", ".join(f"{m[f'guided_step_seconds_chunk_{c}']:.3f} s in chunks of {c}" for c in (mnist_ddpm_chunk(), 100, 200)))
-        print(f"MNIST forward + backward on a batch of {m['batch_size']} in fp32: {m['window_7_seconds_per_batch_fp32']:.3f} s "
+        print(f"MNIST training step on a batch of {m['batch_size']} in fp32: {m['window_7_seconds_per_batch_fp32']:.3f} s "
               f"with 7 x 7 attention windows, {m['window_28_seconds_per_batch_fp32']:.3f} s with full 28 x 28 attention")
         for name, row in m["study"].items():
             print(f"study {name}: {row['parameters']:,} parameters, {row['epoch_seconds']:.0f} s per epoch in {m['study_precision']}")

@@ -462,7 +462,7 @@ def cmd_prior(args, device):
     utils.ensure_writable_dir(args.out)
     model, diffusion, _ = load_unet(args.checkpoint, args.T, device)
     clf, _ = load_classifier(args.classifier, device)
-    read = lambda x: batched(clf, x[:, None].to(device)).argmax(1).cpu()
+    read = lambda x: batched(clf, x[:, None].to(device)).argmax(1).cpu()  # the digit the classifier reads
     images, labels = load_mnist(args.data, "test")
     picks = [int((labels == d).nonzero()[0]) for d in range(PRIOR_DIGITS)]  # the first test digit of each label
     other = lambda d: (d + 5) % 10  # the label the "other" completions and edits ask for
@@ -578,6 +578,8 @@ def cmd_progress(args, device):
     import matplotlib.pyplot as plt
     utils.ensure_writable_dir(args.out)
     ckpt = utils.load_checkpoint(args.checkpoint, KIND, TRAIN_COMMAND)
+    if args.T is not None and ckpt["T"] != args.T:
+        raise utils.UserError(f"{args.checkpoint} was trained with T={ckpt['T']}, not --T {args.T}")
     history = ckpt["train"].get("history", {})
     if not history.get("snapshots"):
         raise utils.UserError(f"{args.checkpoint} holds no training snapshots (it was trained before they were "
@@ -765,7 +767,9 @@ class Classifier(nn.Module):
 
 
 @torch.no_grad()
+@torch.no_grad()
 def batched(fn, x, size=1000):
+    """fn applied to x in batches of `size` (inference only), concatenated."""
     return torch.cat([fn(x[i:i + size]) for i in range(0, len(x), size)])
 
 
@@ -1109,7 +1113,7 @@ def build_parser():
     q = sub.add_parser("edit", help="SDEdit: noise a test digit part way and denoise it, possibly toward another digit",
                        description="Save float32 (N, 28, 28) in [0, 1]: test digit --index noised to step --t0 and "
                                    "denoised N times toward --label. Small t0 keeps the image, t0 = T ignores it.")
-    q.add_argument("--t0", type=int, required=True, help="the step to noise to, 1 to T")
+    q.add_argument("--t0", type=utils.positive_int, required=True, help="the step to noise to, 1 to T")
     test_digit_flags(q, "edits")
 
     q = sub.add_parser("prior", help="inpainting and SDEdit figures and numbers",

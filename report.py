@@ -99,7 +99,8 @@ def render(source, out, locate=None, missing_hint=None):
     """Typeset the Markdown file `source` as the PDF `out` (written atomically). locate(path) gives
     the file of an image path (default: relative to the folder of `source`). A missing image
     raises a one-line UserError, naming the command that makes it when missing_hint(path) gives
-    one. Returns (number of pages, {part heading: the page it starts on})."""
+    one. Returns {"pages": number of pages, "parts": {part heading: the page it starts on},
+    "figures": [(path, placed width in mm, source pixels per inch as placed)]}."""
     from fpdf import FPDF
     from fpdf.fonts import FontFace
     from PIL import Image
@@ -219,13 +220,14 @@ def render(source, out, locate=None, missing_hint=None):
             else:
                 pdf.add_page()
         pdf.image(full, x=pdf.l_margin + (pdf.epw - w) / 2, y=pdf.get_y(), w=w, h=h)
+        placed.append((path, w, px_w / (w / 25.4)))
         pdf.set_y(pdf.get_y() + h + 1.5)
         pdf.set_font("Sans", "I", CAPTION_PT)
         pdf.multi_cell(pdf.epw, CAPTION_PT * 0.3528 * 1.4, caption_text, align="L", new_x="LMARGIN", new_y="NEXT")
         pdf.set_font("Sans", "", BODY_PT)
         pdf.ln(4)
 
-    number, seen_part, parts = 0, False, []
+    number, seen_part, parts, placed = 0, False, [], []
     for kind, payload in blocks:
         if kind == "title":
             pdf.set_font("Sans", "B", 20)
@@ -268,7 +270,7 @@ def render(source, out, locate=None, missing_hint=None):
             alt, path, caption, _ = payload
             figure(path, caption or alt, number)
     utils.atomic_write(out, lambda tmp: pdf.output(tmp), suffix=".pdf")
-    return pdf.pages_count, dict(parts)
+    return {"pages": pdf.pages_count, "parts": dict(parts), "figures": placed}
 
 
 def main(argv=None):
@@ -277,8 +279,9 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join("figures", "report.pdf"), help="the PDF to write (default figures/report.pdf)")
     args = p.parse_args(argv)
     utils.ensure_writable_dir(args.out)
-    pages, _ = render(args.source, args.out)
-    print(f"wrote {args.out} ({pages} pages)")
+    import reproduce
+    result = render(args.source, args.out, missing_hint=reproduce.maker)
+    print(f"wrote {args.out} ({result['pages']} pages)")
 
 
 if __name__ == "__main__":

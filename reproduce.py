@@ -101,8 +101,9 @@ def run(steps, quiet):
         print(f"[{k}/{len(steps)}] {out}: {line}", flush=True)
         t0 = time.perf_counter()
         result = subprocess.run([PY, *cmd] + (["--quiet"] if quiet and "--quiet" not in cmd else []), cwd=ROOT,
-                                stdout=subprocess.PIPE if quiet else None, stderr=subprocess.PIPE, text=True)
-        if result.returncode != 0:
+                                stdout=subprocess.PIPE if quiet else None, stderr=subprocess.PIPE if quiet else None,
+                                text=True)
+        if result.returncode != 0:  # the command's own one-line error, when it was captured
             error = (result.stderr or "").strip().splitlines()
             raise utils.UserError(f"step {k} ({line}) failed: {error[-1] if error else 'exit status ' + str(result.returncode)}")
         print(f"      done in {time.perf_counter() - t0:.1f} s", flush=True)

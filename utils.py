@@ -428,23 +428,23 @@ def make_generator(seed, device="cpu"):
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
-def native_bf16(device):
+def native_bf16(device, cpuinfo="/proc/cpuinfo"):
     """(True/False, reason): does this device compute in bfloat16 natively, so that bf16 is faster
-    than fp32? On a CPU: the AMX or AVX512-BF16 instructions (x86) or BF16 (ARM) in /proc/cpuinfo;
-    without them torch emulates bfloat16 and is slower than in float32."""
+    than fp32? On a CPU: the AMX or AVX512-BF16 instructions (x86) or BF16 (ARM) among the flags
+    in `cpuinfo`; without them torch emulates bfloat16 and is slower than in float32."""
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported(including_emulation=False)
         return ok, f"{torch.cuda.get_device_name(device)} {'supports' if ok else 'lacks'} bfloat16"
     if device.type != "cpu":
         return False, f"{device.type}: float32 is the safe choice"
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             flags = set()
             for line in f:
                 if line.startswith(("flags", "Features")):
                     flags.update(line.split(":", 1)[1].split())
     except OSError:
-        return False, "cannot read /proc/cpuinfo to find bfloat16 support"
+        return False, f"cannot read {cpuinfo} to find bfloat16 support"
     found = sorted(flags & {"amx_bf16", "avx512_bf16", "bf16"})
     if found:
         return True, f"the CPU has native bfloat16 ({', '.join(found)})"

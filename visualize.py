@@ -1,17 +1,19 @@
 """Sample from the shipped two-pixel checkpoints and draw the figures.
 
-    python visualize.py --task all          # the handout's figures and the report, from checkpoints/twopixel_T*.pt
+    python visualize.py --task all          # every two-pixel figure, then the report
+    python visualize.py --task handout      # the handout's four figures below
     python visualize.py --task trajectory   # figures/twopixel_trajectory.png (T = 50)
     python visualize.py --task tsweep       # figures/twopixel_tsweep.png and _oracle.png (T = 5, 10, 25, 50)
     python visualize.py --task guidance     # figures/twopixel_guidance.png
     python visualize.py --task loss         # figures/twopixel_loss.png
+    python visualize.py --task studies      # the four studies below
     python visualize.py --task fast         # figures/twopixel_fast_sampling.png (T = 200: strided DDPM, DDIM)
     python visualize.py --task classifier   # figures/twopixel_classifier_guidance.png (T = 50)
     python visualize.py --task schedules    # figures/twopixel_schedules.png (cosine against linear)
-    python visualize.py --task studies      # fast, classifier and schedules
+    python visualize.py --task inpaint      # figures/twopixel_inpaint.png: one pixel given the other (T = 50)
     python visualize.py --task animate      # figures/twopixel_flow.gif: the point cloud from noise to data
-    python visualize.py --task report       # figures/report.pdf: README's results, one problem per page
-    python visualize.py --task samples --T 50 --n 5000 --seed 0 --out samples.npy
+    python visualize.py --task report       # figures/report.pdf: REPORT.md typeset, one problem per part
+    python visualize.py --task samples --T 50 --n 5000 --seed 0 --out samples.npy [--known-left V]
 
 Each figure's numbers are saved beside it as JSON. Densities are 2-D histograms
 (smoothed by one bin) of the points, drawn with fixed axes and colour scales wherever
@@ -43,7 +45,7 @@ def build_parser():
     p.add_argument("--task", choices=TASKS, required=True,
                    help="what to make: a figure (trajectory, tsweep, guidance, loss; studies: fast, classifier, schedules, inpaint), "
                         "animate (GIF), report (REPORT.md typeset as figures/report.pdf), handout (its four figures), "
-                        "studies (the three studies), all (every two-pixel figure, then the report; "
+                        "studies (the four studies), all (every two-pixel figure, then the report; "
                         "python reproduce.py remakes the MNIST figures too), or samples (an (n, 2) float32 array of pixel values)")
     p.add_argument("--figures", default="figures", help="directory for figures and their JSON (default figures)")
     p.add_argument("--checkpoint-dir", default="checkpoints", help="folder of the twopixel_T{T}.pt checkpoints (default checkpoints)")
@@ -63,12 +65,12 @@ def build_parser():
     g.add_argument("--known-left", type=float, default=None, metavar="V",
                    help="the left pixel is V in every sample (column 0 of the output equals V exactly)")
     g.add_argument("--known-right", type=float, default=None, metavar="V", help="the right pixel is V (column 1)")
-    g.add_argument("--inpaint", choices=utils.INPAINT_METHODS, default="replace",
+    g.add_argument("--inpaint", choices=utils.INPAINT_METHODS, default=None,
                    help="replace: overwrite the known pixel with a noised copy of V after every step; repaint: "
                         "the same with RePaint's resampling (default replace)")
-    g.add_argument("--resample", type=utils.positive_int, default=10,
+    g.add_argument("--resample", type=utils.positive_int, default=None,
                    help="repaint: times each stretch of --jump steps is run (default 10)")
-    g.add_argument("--jump", type=utils.positive_int, default=5, help="repaint: steps gone back up before each rerun (default 5)")
+    g.add_argument("--jump", type=utils.positive_int, default=None, help="repaint: steps gone back up before each rerun (default 5)")
     utils.add_common_flags(p)
     return p
 
@@ -91,6 +93,12 @@ def parse_args(argv=None):
         p.error("--known-left/--known-right apply to --task samples with the full DDPM sampler")
     if known is not None and not np.isfinite(known):
         p.error(f"--known-left/--known-right: expected a finite pixel value, got {known}")
+    if known is None and (args.inpaint or args.resample or args.jump):
+        p.error("--inpaint, --resample and --jump need --known-left or --known-right")
+    if args.inpaint != "repaint" and (args.resample or args.jump):
+        p.error("--resample and --jump apply to --inpaint repaint only")
+    args.inpaint = args.inpaint or "replace"
+    args.resample, args.jump = args.resample or 10, args.jump or 5
     return args
 
 
@@ -664,8 +672,8 @@ def task_report(args, device, source=REPORT):
         return made if os.path.exists(made) else os.path.join(here, path)
 
     out = os.path.join(args.figures, "report.pdf")
-    pages, _ = report.render(source, out, locate, reproduce.maker)
-    print(f"wrote {out} ({pages} pages)")
+    result = report.render(source, out, locate, reproduce.maker)
+    print(f"wrote {out} ({result['pages']} pages)")
 
 
 FIGURE_TASKS = {"trajectory": task_trajectory, "tsweep": task_tsweep, "guidance": task_guidance,

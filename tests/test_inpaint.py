@@ -95,5 +95,9 @@ def test_samples_known_left_writes_the_exact_value(root, tmp_path):
             "--resample", 2, "--jump", 3, "--out", out)
     assert r.returncode == 0, r.stderr
     assert (np.load(out)[:, 1] == np.float32(0.2)).all()
-    r = run(root, "--task", "samples", "--known-left", 0.3, "--known-right", 0.5, "--out", out)
-    assert r.returncode == 2 and "not both" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    for args, needle in ((["--known-left", 0.3, "--known-right", 0.5], "not both"),
+                         (["--inpaint", "repaint"], "need --known-left"),
+                         (["--known-left", 0.3, "--resample", 3], "repaint only"),
+                         (["--known-left", "nan"], "finite")):
+        r = run(root, "--task", "samples", *args, "--out", out)
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -58,20 +58,23 @@ def test_parse_finds_each_kind_of_block(tmp_path):
 
 def test_report_builds_and_each_problem_starts_a_new_page(tmp_path):
     source = write_doc(tmp_path)
-    pages, parts = report.render(source, tmp_path / "out.pdf")
+    result = report.render(source, tmp_path / "out.pdf")
     assert (tmp_path / "out.pdf").read_bytes()[:5] == b"%PDF-"
-    assert parts == {"Problem 1: the first": 2, "Problem 2: the second": 3} and pages == 3
+    assert result["parts"] == {"Problem 1: the first": 2, "Problem 2: the second": 3} and result["pages"] == 3
     # a part that runs over several pages pushes the next one to a fresh page after it
-    pages, parts = report.render(write_doc(tmp_path, body=LONG), tmp_path / "long.pdf")
-    assert parts["Problem 2: the second"] > parts["Problem 1: the first"] + 1 and pages == parts["Problem 2: the second"]
+    result = report.render(write_doc(tmp_path, body=LONG), tmp_path / "long.pdf")
+    parts = result["parts"]
+    assert parts["Problem 2: the second"] > parts["Problem 1: the first"] + 1 and result["pages"] == parts["Problem 2: the second"]
 
 
 def test_figures_keep_their_pixels(tmp_path):
-    # the 600 px wide test figure is placed at most 600 / 150 inches wide: never enlarged past 150 ppi
+    # the 600 px wide test figure is placed 600 / 150 inches (101.6 mm) wide, not stretched to the
+    # 170 mm text width: never below 150 source pixels per inch; and its own pixels are embedded
     source = write_doc(tmp_path)
-    report.render(source, tmp_path / "out.pdf")
-    data = (tmp_path / "out.pdf").read_bytes()
-    assert b"/Width 600" in data
+    result = report.render(source, tmp_path / "out.pdf")
+    (path, width_mm, ppi), = result["figures"]
+    assert width_mm == pytest.approx(101.6) and ppi == pytest.approx(150)
+    assert b"/Width 600" in (tmp_path / "out.pdf").read_bytes()
 
 
 def test_missing_image_and_wrong_number_are_one_line_errors(tmp_path):

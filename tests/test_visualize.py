@@ -67,10 +67,11 @@ def test_report_names_the_command_for_a_missing_figure(root, tiny_dir, tmp_path)
     src = tmp_path / "R.md"
     src.write_text("# R\n\n## Problem 1\n\n![x](figures/twopixel_nothing_yet.png)\n")
     import argparse
-    with pytest.raises(Exception, match="twopixel_nothing_yet.png"):
+    import utils
+    with pytest.raises(utils.UserError, match="twopixel_nothing_yet.png"):
         visualize.task_report(argparse.Namespace(figures=str(tmp_path / "figures")), "cpu", source=str(src))
     src.write_text("# R\n\n## Problem 1\n\n![x](figures/twopixel_fast_sampling.png)\n")
-    with pytest.raises(Exception, match="python visualize.py --task fast"):  # made neither in --figures nor beside R.md
+    with pytest.raises(utils.UserError, match="python visualize.py --task fast"):  # made neither in --figures nor beside R.md
         visualize.task_report(argparse.Namespace(figures=str(tmp_path / "figures")), "cpu", source=str(src))
 
 
