@@ -96,3 +96,9 @@ def test_missing_figure_names_the_command_that_makes_it(root, tmp_path):
     # every figure REPORT.md shows is made by a step of reproduce.py
     shown = [b[1][1] for b in report.parse(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read()) if b[0] == "image"]
     assert shown and all(reproduce.maker(p) for p in shown), [p for p in shown if not reproduce.maker(p)]
+
+
+def test_the_write_up_has_no_unfilled_numbers(root):
+    for name in ("README.md", "REPORT.md"):
+        text = open(os.path.join(root, name), encoding="utf-8").read()
+        assert "{{" not in text and "}}" not in text, name
