@@ -34,11 +34,10 @@ CLASSIFIER_KIND = "mnist-classifier"
 DEFAULT_DATA = os.path.join("data", "mnist.npz")
 DEFAULT_CKPT = os.path.join("checkpoints", "mnist_T200.pt")
 DEFAULT_CLASSIFIER = os.path.join("checkpoints", "mnist_classifier.pt")
-# The default guidance strength: of w = 0, 0.25, 0.3, 0.4, 0.5, 1 and 2, the evaluation targets
-# (at least 99% classified as the requested digit, Frechet distance at most 1.5 times the
-# real-data floor, diversity at least 80% of real) hold from 0.3 (accuracy exactly 99.0%) to
-# 0.5 (1.44 times the floor) at seed 0; 0.4 has room on both sides, and holds them at seed 1
-# too: see figures/mnist_eval.json, figures/mnist_eval_seed1.json and the README.
+# The default guidance strength. For the shipped model (figures/mnist_eval.json, seed 0, 100 per
+# digit): at w = 0 96.9% of samples read as the digit asked for (Frechet 1.01 times the real-data
+# floor); at w = 0.4 99.6% (1.18 times the floor, 96% of real diversity). w = 0.4 is the smallest
+# of the two at which at least 99.5% read as asked; see REPORT.md, Problem 5.
 DEFAULT_W = 0.4
 TRAIN_COMMAND = "python mnist_ddpm.py train"
 CLASSIFIER_COMMAND = "python mnist_ddpm.py classifier"
