@@ -38,6 +38,7 @@ FIGURES = [
     ("figures/mnist_trajectory.png figures/mnist_formation.png", ["mnist_ddpm.py", "trajectory"]),
     ("figures/mnist_training.png", ["mnist_ddpm.py", "progress"]),
     ("figures/mnist_forming.gif", ["mnist_ddpm.py", "animate"]),
+    ("figures/mnist_inpaint.png figures/mnist_edit.png", ["mnist_ddpm.py", "prior"]),
     ("figures/mnist_eval.png", ["mnist_ddpm.py", "evaluate", "--replot"]),
 ]
 REPORT = ("figures/report.pdf", ["visualize.py", "--task", "report"])
@@ -93,7 +94,7 @@ def run(steps, quiet):
     start = time.perf_counter()
     for k, (out, cmd) in enumerate(steps, 1):
         line = "python " + " ".join(cmd)
-        print(f"[{k}/{len(steps)}] {out}: {line}", flush=True)
+        print(f"[{k}/{len(steps)}] {', '.join(out.split())}: {line}", flush=True)
         t0 = time.perf_counter()
         result = subprocess.run([PY, *cmd] + (["--quiet"] if quiet and "--quiet" not in cmd else []), cwd=ROOT,
                                 stdout=subprocess.PIPE if quiet else None, stderr=subprocess.PIPE if quiet else None,
@@ -124,7 +125,7 @@ def main(argv=None):
               flush=True)
     if args.list:
         for k, (out, cmd) in enumerate(steps, 1):
-            print(f"[{k}/{len(steps)}] {out}: python {' '.join(cmd)}")
+            print(f"[{k}/{len(steps)}] {', '.join(out.split())}: python {' '.join(cmd)}")
         return
     seconds = run(steps, quiet=not args.verbose)
     print(f"all {len(steps)} steps done in {seconds:.0f} s; the report is figures/report.pdf")

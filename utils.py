@@ -21,6 +21,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 NULL_LABEL = -1
 SCHEDULES = ("cosine", "linear")
@@ -176,14 +177,12 @@ class Diffusion:
         z = torch.randn(x_t.shape, generator=generator, device=x_t.device)
         return mean + extract(self.posterior_variance, tt, x_t.shape).sqrt() * z, x0_hat
 
-    def p_sample_loop_progressive(self, model, x_T, y=None, w=0.0, generator=None, progress=False, clip_x0=None):
-        """Run the reverse chain from x_T, yielding (x_{t-1}, x0_hat at step t) for t = T, ..., 1."""
+    def p_sample_loop_progressive(self, model, x_T, y=None, w=0.0, generator=None, progress=False, clip_x0=None,
+                                  start=None, desc="sampling"):
+        """Run the reverse chain from x_T, yielding (x_{t-1}, x0_hat at step t) for t = T, ..., 1;
+        with start = s, the chain begins at paper step s (x_T is then x_s)."""
         x = x_T
-        steps = range(self.T - 1, -1, -1)
-        if progress:
-            from tqdm import tqdm
-            steps = tqdm(steps, desc="sampling", unit="step", leave=False)
-        for t in steps:
+        for t in tqdm(range((start or self.T) - 1, -1, -1), desc=desc, unit="step", leave=False, disable=not progress):
             x, x0_hat = self.p_sample(model, x, t, y, w, generator, clip_x0)
             yield x, x0_hat
 
@@ -244,11 +243,7 @@ def sample(diffusion, model, x_T, y=None, w=0.0, generator=None, sampler="ddpm",
     if sampler == "ddpm":
         return short.p_sample_loop(on_kept, x_T, y, w, generator, progress, clip_x0)
     x = x_T
-    order = range(steps - 1, -1, -1)
-    if progress:
-        from tqdm import tqdm
-        order = tqdm(order, desc="sampling", unit="step", leave=False)
-    for t in order:
+    for t in tqdm(range(steps - 1, -1, -1), desc="sampling", unit="step", leave=False, disable=not progress):
         x, _ = ddim_step(short, on_kept, x, t, y, w, eta, generator, clip_x0)
     return x
 
@@ -286,10 +281,7 @@ def inpaint(diffusion, model, x_T, known, mask, y=None, w=0.0, generator=None, r
         return torch.where(mask, noisy, x)
 
     x, k = x_T, diffusion.T
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=diffusion.T * resample, desc="inpainting", unit="step", leave=False)
+    bar = tqdm(total=diffusion.T * resample, desc="inpainting", unit="step", leave=False, disable=not progress)
     while k > 0:
         low = max(k - jump, 0)
         for r in range(resample):
@@ -299,11 +291,9 @@ def inpaint(diffusion, model, x_T, known, mask, y=None, w=0.0, generator=None, r
             for step in range(k, low, -1):  # x_step -> x_{step-1}; step index step - 1
                 x, _ = diffusion.p_sample(model, x, step - 1, y, w, generator, clip_x0)
                 x = replace(x, step - 1)
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
         k = low
-    if bar is not None:
-        bar.close()
+    bar.close()
     return x
 
 
@@ -316,12 +306,8 @@ def sdedit(diffusion, model, x_0, t0, y=None, w=0.0, generator=None, clip_x0=Non
         raise ValueError(f"t0 must be between 1 and T={diffusion.T}, got {t0}")
     t = torch.full((x_0.shape[0],), t0 - 1, dtype=torch.int64, device=x_0.device)
     x = diffusion.q_sample(x_0, t, torch.randn(x_0.shape, generator=generator, device=x_0.device))
-    steps = range(t0 - 1, -1, -1)
-    if progress:
-        from tqdm import tqdm
-        steps = tqdm(steps, desc="editing", unit="step", leave=False)
-    for k in steps:
-        x, _ = diffusion.p_sample(model, x, k, y, w, generator, clip_x0)
+    for x, _ in diffusion.p_sample_loop_progressive(model, x, y, w, generator, progress, clip_x0, start=t0, desc="editing"):
+        pass
     return x
 
 
@@ -460,6 +446,13 @@ def resolve_precision(name, device):
         return name, "as asked"
     native, why = native_bf16(device)
     return ("bf16" if native else "fp32"), why
+
+
+def announce_precision(name, device):
+    """resolve_precision, with the choice and its reason printed on one line; returns the choice."""
+    precision, why = resolve_precision(name, device)
+    print(f"precision: {precision} ({why})", flush=True)
+    return precision
 
 
 def add_precision_flag(parser, what):

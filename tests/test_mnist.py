@@ -364,6 +364,23 @@ def test_chunked_sampling_passes_give_the_one_batch_result(monkeypatch):
     assert torch.allclose(a, b, atol=1e-4)
 
 
+def test_the_frozen_graph_gives_the_module_outputs_and_samples(monkeypatch):
+    torch.manual_seed(0)
+    net = M.MnistUNet(M.MnistUNetConfig(T=10, channels=(8, 8, 16, 16), scale_shift=True)).eval()
+    for p in net.parameters():  # weights away from their initialisation, so every layer matters
+        p.data.add_(0.1 * torch.randn_like(p))
+    monkeypatch.setattr(M, "CHUNK", 4)  # traced at 4 images, run on 7 (chunks of 4 and 3)
+    frozen = M.FrozenUNet(net)
+    x, t, y = torch.randn(7, 1, 28, 28), torch.arange(7), torch.tensor([0, 1, 2, -1, 4, 5, -1])
+    with torch.no_grad():
+        assert torch.allclose(frozen(x, t, y), net(x, t, y), atol=1e-5)
+        assert torch.allclose(frozen(x, t, None), net(x, t, None), atol=1e-5)
+    diffusion = utils.Diffusion(10, "cosine")
+    a = M.draw(net, diffusion, torch.arange(6), 1.0, 0, "cpu")
+    b = M.draw(frozen, diffusion, torch.arange(6), 1.0, 0, "cpu")
+    assert torch.allclose(a, b, atol=1e-4)
+
+
 def test_checkpoints_from_before_res_layers_still_load(tmp_path):
     torch.manual_seed(0)
     cfg = M.MnistUNetConfig(T=10, channels=(8, 8, 16, 16))
@@ -374,7 +391,7 @@ def test_checkpoints_from_before_res_layers_still_load(tmp_path):
     path = tmp_path / "old.pt"
     utils.save_checkpoint(str(path), {"kind": "mnist", "T": 10, "schedule": "cosine", "model_config": config,
                                       "model": old_keys, "train": {}})
-    model, _, _ = M.load_unet(str(path))
+    model, _, _ = M.load_unet(str(path), frozen=False)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in net.state_dict().items())
 
 
