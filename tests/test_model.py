@@ -61,3 +61,17 @@ def test_config_round_trip_rebuilds_the_same_network():
     m2.load_state_dict(m.state_dict())
     x, t = torch.randn(5, 1, 2), torch.randint(0, 10, (5,))
     assert torch.equal(m(x, t), m2(x, t))
+
+
+def test_forward_is_the_layers_called_as_convolutions():
+    torch.manual_seed(0)
+    m = make(T=50)
+    for p in m.parameters():  # every weight away from its initialisation, the bias included
+        p.data.add_(0.1 * torch.randn_like(p))
+    x, t, y = torch.randn(64, 1, 2), torch.randint(0, 50, (64,)), torch.randint(-1, 2, (64,))
+    e1, e2, e3 = m.embeddings(t, y)
+    h = ddpm.precondition(x, m.alphas_cumprod[t][:, None, None], m.config.data_mean, m.config.data_std)
+    h1 = m.act(m.norm1(m.conv1(h) + e1))
+    h2 = m.act(m.norm2(m.conv2(h1) + e2))
+    h = m.act(m.norm3(m.tconv2(h2) + e3))
+    assert torch.allclose(m(x, t, y), m.tconv1(torch.cat([h, h1], dim=1)), atol=1e-5)
