@@ -482,7 +482,7 @@ def cmd_edit(args, device):
 
 
 PRIOR_DIGITS = 10  # test digits (the first of each label) behind the inpainting and SDEdit numbers
-PRIOR_T0 = (0.125, 0.25, 0.5, 0.75, 1.0)  # SDEdit's t0 as shares of T: 25, 50, 100, 150 and 200 at T = 200
+PRIOR_T0 = (0.125, 0.25, 0.5, 0.625, 0.75, 0.875, 1.0)  # SDEdit's t0 as shares of T: 25, 50, 100, 125, ..., 200 at T = 200
 
 
 def cmd_prior(args, device):
@@ -508,15 +508,20 @@ def cmd_prior(args, device):
         removed = removed_region(mask)
         row = {}
         for mode in ("own", "other"):
-            hits, ink_kept = [], []
+            hits, kept_change, filled_change = [], [], []
             for j, i in enumerate(picks):
                 target = labels[i].item() if mode == "own" else other(labels[i].item())
                 x = complete(model, diffusion, images[i, 0], removed, torch.full((n,), target), args.w,
                              args.seed + 100 * k + j, device)
                 hits.append((read(x) == target).float().mean().item())
+                change = (x - images[i, 0]).abs()
+                kept_change.append(change[:, ~removed].max().item())
+                filled_change.append(change[:, removed].mean().item())
                 if j == k:  # one digit per mask goes into the figure
                     shown[(mask, mode)] = (i, target, x)
             row[f"{mode}_label_read_as_requested"] = float(np.mean(hits))
+            row[f"{mode}_kept_pixels_max_abs_change"] = max(kept_change)  # 0: the kept pixels are the original's
+            row[f"{mode}_removed_pixels_mean_abs_change"] = float(np.mean(filled_change))  # against the original digit
         row["removed_share_of_ink"] = float(np.mean([images[i, 0][removed].sum().item() / images[i, 0].sum().item() for i in picks]))
         numbers["by_mask"][mask] = row
     fig, axes = plt.subplots(len(MASKS), 2 + 2 * min(n, 3), figsize=(7.4, 1.05 * len(MASKS) + 0.6))

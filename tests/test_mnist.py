@@ -463,8 +463,9 @@ def test_prior_figures_and_numbers(root, tiny_ckpt, small_data, tmp_path):
     inp = json.loads((tmp_path / "mnist_inpaint.json").read_text())
     assert set(inp["by_mask"]) == set(M.MASKS)
     assert all(0 <= v["own_label_read_as_requested"] <= 1 for v in inp["by_mask"].values())
+    assert all(v[f"{mode}_kept_pixels_max_abs_change"] == 0 for v in inp["by_mask"].values() for mode in ("own", "other"))
     ed = json.loads((tmp_path / "mnist_edit.json").read_text())
-    assert ed["t0"] == [1, 2, 5, 8, 10]  # shares of T = 10
+    assert ed["t0"] == [1, 2, 5, 6, 8, 9, 10]  # shares of T = 10
     changes = [e["own_mean_abs_change"] for e in ed["by_t0"]]
     assert changes[0] < changes[-1]  # the higher t0, the more of the image is redrawn
     assert (tmp_path / "mnist_edit.png").exists() and (tmp_path / "mnist_inpaint.png").exists()
