@@ -16,11 +16,12 @@ Two-pixel, for T = 5, 10, 25, 50:
   - seconds to draw 5000 samples at T = 50 (best of 5; target <= 0.5 s).
 MNIST, side by side in float32 and bfloat16: seconds per training epoch (timed on 100
 batches), seconds to sample the 100-digit grid at T = 200 with guidance (target <= 60 s in
-float32; as shipped, with the network as a frozen TorchScript graph, and with the module
-itself), one guided sampling step run each way (frozen, the module in chunks of several sizes,
-channels-last, and with --compile torch.compile), ten inpaintings and ten SDEdits of a test
-digit, the cost of full attention, and seconds per epoch of each design-study configuration.
+float32), one guided sampling step run in several ways taking turns (in chunks of several
+sizes, channels-last, as a frozen TorchScript graph, and with --compile through
+torch.compile), ten inpaintings and ten SDEdits of a test digit, the cost of full attention,
+and seconds per epoch of each design-study configuration.
 """
+import copy
 import os
 import statistics
 import tempfile
@@ -117,73 +118,97 @@ def seconds_per_batch(config, diffusion, images, labels, batch, precision, devic
     return (time.perf_counter() - start) / n, sum(p.numel() for p in net.parameters())
 
 
-def step_seconds(net, x, t, y, repeats=5):
-    """Median seconds of one call net(x, t, y) without gradients, after one warm-up call."""
+def interleaved_step_seconds(ways, repeats=10):
+    """Median seconds of one call of each way of running the network, {name: (net, x, t, y)},
+    without gradients. The ways take turns, call by call, so that a machine getting faster or
+    slower during the measurement affects them all alike."""
+    times = {name: [] for name in ways}
     with torch.no_grad():
-        net(x, t, y)
-        times = []
+        for net, *inputs in ways.values():  # warm-up
+            net(*inputs)
         for _ in range(repeats):
-            start = time.perf_counter()
-            net(x, t, y)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+            for name, (net, *inputs) in ways.items():
+                start = time.perf_counter()
+                net(*inputs)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+class Chunked(torch.nn.Module):
+    """The network run on `size` images at a time (with mnist_ddpm.CHUNK at least that large, so
+    that the network does not cut them again)."""
+
+    def __init__(self, net, size):
+        super().__init__()
+        self.net, self.size = net, size
+
+    def forward(self, x, t, y):
+        return torch.cat([self.net(x[i:i + self.size], t[i:i + self.size], y[i:i + self.size])
+                          for i in range(0, len(x), self.size)])
+
+
+def frozen_graph(module, chunk):
+    """The module traced into a TorchScript graph with its weights frozen in, on chunks of `chunk`
+    images (TorchScript is deprecated in torch 2.13; timed here as an alternative, not shipped)."""
+    import warnings
+    example = (torch.zeros(chunk, 1, 28, 28), torch.zeros(chunk, dtype=torch.int64), torch.zeros(chunk, dtype=torch.int64))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Chunked(torch.jit.freeze(torch.jit.trace(module, example, check_trace=False)), chunk)
 
 
 def mnist(device, checkpoint, try_compile=False):
     import mnist_ddpm
-    module, diffusion, ckpt = mnist_ddpm.load_unet(checkpoint, None, device, frozen=False)
-    start = time.perf_counter()
-    frozen = mnist_ddpm.FrozenUNet(module)
-    freeze_seconds = time.perf_counter() - start
+    model, diffusion, ckpt = mnist_ddpm.load_unet(checkpoint, None, device)
     images, labels = mnist_ddpm.load_mnist(mnist_ddpm.DEFAULT_DATA, "train")
     batch = ckpt["train"]["batch_size"]
     epoch = len(images) / batch
     w = mnist_ddpm.DEFAULT_W or 1.0  # any w other than 0 costs the same: two network passes per step
-    out = {"T": diffusion.T, "w": w, "batch_size": batch, "model_config": ckpt["model_config"],
-           "freeze_seconds": freeze_seconds}
+    out = {"T": diffusion.T, "w": w, "batch_size": batch, "model_config": ckpt["model_config"]}
     # 1. training: an epoch of the shipped configuration in both precisions, side by side
     for precision in ("fp32", "bf16"):
         step, _ = seconds_per_batch(ckpt["model_config"], diffusion, images, labels, batch, precision, device, n=100)
         out[f"epoch_seconds_{precision}"] = step * epoch
-    # 2. sampling: the 100-digit grid with guidance (200 network passes per step) as shipped
-    # (float32, frozen graph), with the module itself in float32, and with the module in bfloat16
+    # 2. sampling: the 100-digit grid with guidance (200 network passes per step), float32 as
+    # shipped, then in bfloat16 (autocast) for comparison
     digits = torch.arange(10).repeat_interleave(10)
-    for name, net, bf16 in (("fp32", frozen, False), ("fp32_module", module, False), ("bf16", module, True)):
+    for precision in ("fp32", "bf16"):
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            mnist_ddpm.draw(net, diffusion, digits, w, 0, device)
-        out[f"grid_seconds_{name}"] = time.perf_counter() - start
-    # one guided step of the grid (200 images) by each way of running the network
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            mnist_ddpm.draw(model, diffusion, digits, w, 0, device)
+        out[f"grid_seconds_{precision}"] = time.perf_counter() - start
+    # one guided step of the grid (200 images), run in several ways, taking turns: chunks of 50
+    # (shipped), 100 and 200, channels-last memory, a frozen TorchScript graph, torch.compile
     x = torch.randn(200, 1, 28, 28, generator=utils.make_generator(0), device=device)
     t = torch.full((200,), diffusion.T // 2, device=device)
     y = torch.cat([digits, torch.full((100,), utils.NULL_LABEL)]).to(device)
-    out["guided_step_seconds_frozen"] = step_seconds(frozen, x, t, y)
-    shipped = mnist_ddpm.CHUNK
-    for chunk in (shipped, 100, 200):
-        mnist_ddpm.CHUNK = chunk
-        out[f"guided_step_seconds_chunk_{chunk}"] = step_seconds(module, x, t, y)
-    mnist_ddpm.CHUNK = shipped
-    module.to(memory_format=torch.channels_last)
-    out["guided_step_seconds_channels_last"] = step_seconds(module, x.contiguous(memory_format=torch.channels_last), t, y)
-    module.to(memory_format=torch.contiguous_format)
+    shipped, mnist_ddpm.CHUNK = mnist_ddpm.CHUNK, len(x)  # the network's own chunking off: Chunked does it
+    ways = {f"chunk_{c}": (Chunked(model, c), x, t, y) for c in (shipped, 100, 200)}
+    last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    ways["channels_last"] = (Chunked(last, shipped), x.contiguous(memory_format=torch.channels_last), t, y)
+    if device.type == "cpu":
+        start = time.perf_counter()
+        ways["frozen_graph"] = (frozen_graph(model, shipped), x, t, y)
+        out["frozen_graph_build_seconds"] = time.perf_counter() - start
     if try_compile:  # torch.compile needs a C++ compiler; its first call compiles, into an empty cache
-        with tempfile.TemporaryDirectory() as cache:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # a warm cache would hide most of the compile time
-            compiled = torch.compile(module, dynamic=False)
+        from torch._inductor.utils import fresh_cache
+        compiled = torch.compile(Chunked(model, shipped), dynamic=False)
+        with fresh_cache(), torch.no_grad():  # a warm cache would hide most of the compile time
             start = time.perf_counter()
-            with torch.no_grad():
-                compiled(x, t, y)
+            compiled(x, t, y)
             out["compile_seconds"] = time.perf_counter() - start
-            out["guided_step_seconds_compiled"] = step_seconds(compiled, x, t, y)
+        ways["compiled"] = (compiled, x, t, y)
+    out["guided_step_seconds"] = interleaved_step_seconds(ways)
+    mnist_ddpm.CHUNK = shipped
     # the model as a prior (mnist_ddpm.py inpaint and edit): ten completions of one test digit
     # without its top half, and ten SDEdits from t0 = T / 2, each toward the digit's own label
     test_images, test_labels = mnist_ddpm.load_mnist(mnist_ddpm.DEFAULT_DATA, "test")
     image, own = test_images[0, 0], torch.full((10,), int(test_labels[0]))
     start = time.perf_counter()
-    mnist_ddpm.complete(frozen, diffusion, image, mnist_ddpm.removed_region("top"), own, w, 0, device)
+    mnist_ddpm.complete(model, diffusion, image, mnist_ddpm.removed_region("top"), own, w, 0, device)
     out["inpaint_seconds_n10"] = time.perf_counter() - start
     start = time.perf_counter()
-    mnist_ddpm.edit(frozen, diffusion, image, diffusion.T // 2, own, w, 0, device)
+    mnist_ddpm.edit(model, diffusion, image, diffusion.T // 2, own, w, 0, device)
     out["edit_seconds_n10_half_T"] = time.perf_counter() - start
     # 3. the cost of attention: the same network with 7 x 7 windows (shipped) and full attention
     for window in (7, 28):
@@ -204,11 +229,6 @@ def mnist(device, checkpoint, try_compile=False):
 # the MNIST design study's configurations (figures/mnist_study/*.json hold their scores)
 # (Min-SNR weighting changes only the loss, so it costs what its network costs.)
 STUDY = {"bias": {}, "scale-shift": {"scale_shift": True}, "scale-shift-2layers": {"scale_shift": True, "res_layers": 2}}
-
-
-def mnist_ddpm_chunk():
-    import mnist_ddpm
-    return mnist_ddpm.CHUNK
 
 
 def main():
@@ -235,15 +255,11 @@ def main():
         m = result["mnist"]
         print(f"MNIST training epoch: {m['epoch_seconds_fp32']:.0f} s in fp32, {m['epoch_seconds_bf16']:.0f} s in bf16 "
               f"(auto picks {result['machine']['auto_precision']})")
-        print(f"MNIST 100-digit grid, T={m['T']}, w={m['w']:g}: {m['grid_seconds_fp32']:.1f} s in fp32 (frozen graph, "
-              f"built in {m['freeze_seconds']:.1f} s), {m['grid_seconds_fp32_module']:.1f} s in fp32 with the module, "
-              f"{m['grid_seconds_bf16']:.1f} s in bf16 with the module")
-        print("one guided step of 200 images: " + ", ".join(
-            [f"{m['guided_step_seconds_frozen']:.3f} s frozen"]
-            + [f"{m[f'guided_step_seconds_chunk_{c}']:.3f} s module in chunks of {c}" for c in (mnist_ddpm_chunk(), 100, 200)]
-            + [f"{m['guided_step_seconds_channels_last']:.3f} s module channels-last"]
-            + ([f"{m['guided_step_seconds_compiled']:.3f} s compiled (compile {m['compile_seconds']:.0f} s)"]
-               if "compile_seconds" in m else [])))
+        print(f"MNIST 100-digit grid, T={m['T']}, w={m['w']:g}: {m['grid_seconds_fp32']:.1f} s in fp32, "
+              f"{m['grid_seconds_bf16']:.1f} s in bf16")
+        print("one guided step of 200 images, median of turns taken: "
+              + ", ".join(f"{v:.3f} s {k}" for k, v in m["guided_step_seconds"].items())
+              + (f"; compiling took {m['compile_seconds']:.0f} s" if "compile_seconds" in m else ""))
         print(f"ten inpaintings: {m['inpaint_seconds_n10']:.1f} s; ten SDEdits from t0 = T/2: {m['edit_seconds_n10_half_T']:.1f} s")
         print(f"MNIST training step on a batch of {m['batch_size']} in fp32: {m['window_7_seconds_per_batch_fp32']:.3f} s "
               f"with 7 x 7 attention windows, {m['window_28_seconds_per_batch_fp32']:.3f} s with full 28 x 28 attention")

@@ -182,7 +182,7 @@ class Diffusion:
         """Run the reverse chain from x_T, yielding (x_{t-1}, x0_hat at step t) for t = T, ..., 1;
         with start = s, the chain begins at paper step s (x_T is then x_s)."""
         x = x_T
-        for t in tqdm(range((start or self.T) - 1, -1, -1), desc=desc, unit="step", leave=False, disable=not progress):
+        for t in tqdm(range((self.T if start is None else start) - 1, -1, -1), desc=desc, unit="step", leave=False, disable=not progress):
             x, x0_hat = self.p_sample(model, x, t, y, w, generator, clip_x0)
             yield x, x0_hat
 

@@ -48,7 +48,7 @@ def test_embedding_shortcut_equals_direct_computation():
     t = torch.randint(0, 50, (300,))
     y = torch.randint(-1, 2, (300,))
     emb = m.embed(t, y)
-    direct = [dense(emb)[..., None] for dense in (m.dense1, m.dense2, m.dense3)]
+    direct = [dense(emb) for dense in (m.dense1, m.dense2, m.dense3)]
     for a, b in zip(m.embeddings(t, y), direct):
         assert torch.allclose(a, b, atol=1e-6)
 
@@ -69,7 +69,7 @@ def test_forward_is_the_layers_called_as_convolutions():
     for p in m.parameters():  # every weight away from its initialisation, the bias included
         p.data.add_(0.1 * torch.randn_like(p))
     x, t, y = torch.randn(64, 1, 2), torch.randint(0, 50, (64,)), torch.randint(-1, 2, (64,))
-    e1, e2, e3 = m.embeddings(t, y)
+    e1, e2, e3 = (e[..., None] for e in m.embeddings(t, y))  # (B, C, 1), as the layers' outputs
     h = ddpm.precondition(x, m.alphas_cumprod[t][:, None, None], m.config.data_mean, m.config.data_std)
     h1 = m.act(m.norm1(m.conv1(h) + e1))
     h2 = m.act(m.norm2(m.conv2(h1) + e2))
