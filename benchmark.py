@@ -22,6 +22,7 @@ torch.compile), ten inpaintings and ten SDEdits of a test digit, the cost of ful
 and seconds per epoch of each design-study configuration.
 """
 import copy
+import functools
 import os
 import statistics
 import tempfile
@@ -134,27 +135,16 @@ def interleaved_step_seconds(ways, repeats=10):
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-class Chunked(torch.nn.Module):
-    """The network run on `size` images at a time (with mnist_ddpm.CHUNK at least that large, so
-    that the network does not cut them again)."""
-
-    def __init__(self, net, size):
-        super().__init__()
-        self.net, self.size = net, size
-
-    def forward(self, x, t, y):
-        return torch.cat([self.net(x[i:i + self.size], t[i:i + self.size], y[i:i + self.size])
-                          for i in range(0, len(x), self.size)])
-
-
 def frozen_graph(module, chunk):
     """The module traced into a TorchScript graph with its weights frozen in, on chunks of `chunk`
     images (TorchScript is deprecated in torch 2.13; timed here as an alternative, not shipped)."""
     import warnings
+    import mnist_ddpm
     example = (torch.zeros(chunk, 1, 28, 28), torch.zeros(chunk, dtype=torch.int64), torch.zeros(chunk, dtype=torch.int64))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return Chunked(torch.jit.freeze(torch.jit.trace(module, example, check_trace=False)), chunk)
+        graph = torch.jit.freeze(torch.jit.trace(module, example, check_trace=False))
+    return functools.partial(mnist_ddpm.in_chunks, graph, chunk)
 
 
 def mnist(device, checkpoint, try_compile=False):
@@ -182,24 +172,23 @@ def mnist(device, checkpoint, try_compile=False):
     x = torch.randn(200, 1, 28, 28, generator=utils.make_generator(0), device=device)
     t = torch.full((200,), diffusion.T // 2, device=device)
     y = torch.cat([digits, torch.full((100,), utils.NULL_LABEL)]).to(device)
-    shipped, mnist_ddpm.CHUNK = mnist_ddpm.CHUNK, len(x)  # the network's own chunking off: Chunked does it
-    ways = {f"chunk_{c}": (Chunked(model, c), x, t, y) for c in (shipped, 100, 200)}
+    shipped = mnist_ddpm.CHUNK
+    ways = {f"chunk_{c}": (functools.partial(model, chunk=c), x, t, y) for c in (shipped, 100, 200)}
     last = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    ways["channels_last"] = (Chunked(last, shipped), x.contiguous(memory_format=torch.channels_last), t, y)
+    ways["channels_last"] = (last, x.contiguous(memory_format=torch.channels_last), t, y)
     if device.type == "cpu":
         start = time.perf_counter()
         ways["frozen_graph"] = (frozen_graph(model, shipped), x, t, y)
         out["frozen_graph_build_seconds"] = time.perf_counter() - start
     if try_compile:  # torch.compile needs a C++ compiler; its first call compiles, into an empty cache
         from torch._inductor.utils import fresh_cache
-        compiled = torch.compile(Chunked(model, shipped), dynamic=False)
+        compiled = torch.compile(model, dynamic=False)
         with fresh_cache(), torch.no_grad():  # a warm cache would hide most of the compile time
             start = time.perf_counter()
             compiled(x, t, y)
             out["compile_seconds"] = time.perf_counter() - start
         ways["compiled"] = (compiled, x, t, y)
     out["guided_step_seconds"] = interleaved_step_seconds(ways)
-    mnist_ddpm.CHUNK = shipped
     # the model as a prior (mnist_ddpm.py inpaint and edit): ten completions of one test digit
     # without its top half, and ten SDEdits from t0 = T / 2, each toward the digit's own label
     test_images, test_labels = mnist_ddpm.load_mnist(mnist_ddpm.DEFAULT_DATA, "test")

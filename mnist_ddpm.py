@@ -11,6 +11,7 @@ Subcommands (each has its own --help):
 Images are scaled from [0, 1] to [-1, 1] for the diffusion (the usual choice for images:
 the data then sit at the scale of the unit-variance noise) and back for every output.
 """
+import functools
 import json
 import math
 import os
@@ -176,8 +177,15 @@ class Block(nn.Module):
 CHUNK = 50
 
 
+def in_chunks(net, size, x_t, t, y):
+    """net(x_t, t, y) computed on `size` images at a time and concatenated."""
+    return torch.cat([net(x_t[i:i + size], t[i:i + size], None if y is None else y[i:i + size])
+                      for i in range(0, len(x_t), size)])
+
+
 class MnistUNet(nn.Module):
     """x_t (B, 1, 28, 28), t (B,) step indices, y (B,) digits or NULL_LABEL -> eps_pred (B, 1, 28, 28).
+    Without gradients, batches larger than `chunk` images (default CHUNK) go through in chunks.
 
     Down path: blocks at 28, 14, 7, 7 pixels (2x average-pool after the first two).
     Up path: four blocks, each fed the previous output concatenated with the matching
@@ -196,11 +204,11 @@ class MnistUNet(nn.Module):
         self.norm_out = nn.GroupNorm(cfg.groups, c1)
         self.conv_out = nn.Conv2d(c1, 1, 3, padding=1)
 
-    def forward(self, x_t, t, y=None):
-        if len(x_t) > CHUNK and not torch.is_grad_enabled():  # sampling: every layer is per-image, so chunks
+    def forward(self, x_t, t, y=None, chunk=None):
+        chunk = CHUNK if chunk is None else chunk
+        if len(x_t) > chunk and not torch.is_grad_enabled():  # sampling: every layer is per-image, so chunks
             # give the same result as one batch (training batches go through whole)
-            return torch.cat([self(x_t[i:i + CHUNK], t[i:i + CHUNK], None if y is None else y[i:i + CHUNK])
-                              for i in range(0, len(x_t), CHUNK)])
+            return in_chunks(functools.partial(self, chunk=chunk), chunk, x_t, t, y)
         emb = self.embed(t, y)
         h = self.conv_in(x_t)
         skips = []
@@ -1021,6 +1029,14 @@ def plot_evaluation(result, out):
 digit = utils.number_type(int, lambda v: 0 <= v <= 9, "a digit 0-9")
 
 
+_gamma = utils.number_type(float, lambda v: v > 0, "a positive number or 'off'")
+
+
+def min_snr_gamma(text):
+    """--min-snr: a positive number, or 'off' (None: the plain, unweighted loss)."""
+    return None if text == "off" else _gamma(text)
+
+
 def build_parser():
     p = utils.ArgumentParser(description=__doc__, formatter_class=utils.argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=utils.ArgumentParser)
@@ -1056,8 +1072,9 @@ def build_parser():
     q.add_argument("--embedding", choices=["bias", "scale-shift"], default="scale-shift",
                    help="how the step-and-class embedding enters each residual layer: an added bias, or a scale "
                         "and shift of the normalised features (default scale-shift)")
-    q.add_argument("--min-snr", type=utils.positive_float, default=None, metavar="GAMMA",
-                   help="weight each example's loss by min(SNR, GAMMA) / SNR (Min-SNR weighting; default: unweighted)")
+    q.add_argument("--min-snr", type=min_snr_gamma, default=5.0, metavar="GAMMA",
+                   help="weight each example's loss by min(SNR, GAMMA) / SNR, which lowers the weight of the "
+                        "nearly clean steps (Min-SNR weighting; default 5; 'off' for the plain loss)")
     q.add_argument("--channels", type=utils.positive_int, nargs=4, default=[16, 32, 64, 64], metavar="C",
                    help="features of the four blocks, multiples of 8 (default 16 32 64 64)")
     q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with x_train, y_train, x_test, y_test (default {DEFAULT_DATA})")

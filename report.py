@@ -95,6 +95,21 @@ def plain(text):
     return text.replace("**", "").replace("`", "").replace("\\|", "|")
 
 
+def fit_widths(wanted, least, total):
+    """Column widths that add up to `total` in proportion to `wanted`, except that none is
+    below its `least`: those are held at it and the others share what is left."""
+    held = [False] * len(wanted)
+    while True:
+        room = total - sum(m for m, h in zip(least, held) if h)
+        share = sum(w for w, h in zip(wanted, held) if not h)
+        widths = [m if h else room * w / share for w, m, h in zip(wanted, least, held)]
+        short = [i for i, (w, m) in enumerate(zip(widths, least)) if w < m and not held[i]]
+        if not short or all(held):
+            return widths
+        for i in short:
+            held[i] = True
+
+
 def render(source, out, locate=None, missing_hint=None):
     """Typeset the Markdown file `source` as the PDF `out` (written atomically). locate(path) gives
     the file of an image path (default: relative to the folder of `source`). A missing image
@@ -186,9 +201,18 @@ def render(source, out, locate=None, missing_hint=None):
     def table(rows):
         ncol = max(len(r) for r in rows)
         rows = [r + [""] * (ncol - len(r)) for r in rows]
-        # room for the longest body cell on one line, and for the header on about two
-        widths = [min(40, max(4, len(plain(rows[0][c])) / 2, *(len(plain(r[c])) for r in rows[1:]),
-                              *(len(word) for r in rows for word in plain(r[c]).split()))) for c in range(ncol)]
+        # room for the longest body cell on one line, and for the header on about two (in
+        # characters); then no column narrower than its longest word (in mm, header in bold)
+        wanted = [min(40, max(4, len(plain(rows[0][c])) / 2, *(len(plain(r[c])) for r in rows[1:])))
+                  for c in range(ncol)]
+        longest = []
+        for c in range(ncol):
+            words = []
+            for i, r in enumerate(rows):
+                pdf.set_font("Sans", "B" if i == 0 else "", TABLE_PT)
+                words += [pdf.get_string_width(word) for word in plain(r[c]).split()]
+            longest.append(max(words, default=0) + 2 * 0.8 + 0.5)  # cell padding both sides, and a margin
+        widths = fit_widths(wanted, longest, pdf.epw)
         pdf.set_font("Sans", "", TABLE_PT)
         with pdf.table(col_widths=widths, width=pdf.epw, line_height=TABLE_PT * 0.3528 * 1.5,
                        headings_style=FontFace(emphasis="BOLD", fill_color=(232, 236, 242)),

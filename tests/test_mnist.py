@@ -96,6 +96,17 @@ def test_training_lowers_the_loss_and_records_metadata(tiny_ckpt):
     assert hist["epoch"] == [1, 2, 3] and hist["loss"][-1] < hist["loss"][0]
     for key in ("epochs_done", "seconds", "final_loss", "seed"):
         assert key in ckpt["train"]
+    assert ckpt["train"]["min_snr"] == 5.0  # the shipped recipe's weighting is the default
+
+
+def test_min_snr_flag_takes_a_positive_gamma_or_off(capsys):
+    parser = M.build_parser()
+    assert parser.parse_args(["train", "--min-snr", "2.5"]).min_snr == 2.5
+    assert parser.parse_args(["train", "--min-snr", "off"]).min_snr is None  # the plain loss
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(["train", "--min-snr", bad])
+        assert exit_.value.code == 2 and "a positive number or 'off'" in capsys.readouterr().err
 
 
 def test_a_bfloat16_step_matches_the_float32_step_and_keeps_float32_weights():
@@ -351,10 +362,8 @@ def test_chunked_sampling_passes_give_the_one_batch_result(monkeypatch):
     net = M.MnistUNet(M.MnistUNetConfig(T=10, channels=(8, 8, 16, 16))).eval()
     x, t, y = torch.randn(7, 1, 28, 28), torch.arange(7), torch.tensor([0, 1, 2, -1, 4, 5, -1])
     with torch.no_grad():
-        monkeypatch.setattr(M, "CHUNK", 1000)
-        whole = net(x, t, y)
-        monkeypatch.setattr(M, "CHUNK", 3)
-        chunked = net(x, t, y)
+        whole = net(x, t, y, chunk=1000)
+        chunked = net(x, t, y, chunk=3)
     assert torch.allclose(whole, chunked, atol=1e-5)
     diffusion = utils.Diffusion(10, "cosine")
     monkeypatch.setattr(M, "CHUNK", 1000)

@@ -102,3 +102,10 @@ def test_the_write_up_has_no_unfilled_numbers(root):
     for name in ("README.md", "REPORT.md"):
         text = open(os.path.join(root, name), encoding="utf-8").read()
         assert "{{" not in text and "}}" not in text, name
+
+
+def test_table_columns_share_the_width_but_none_falls_below_its_longest_word():
+    assert report.fit_widths([1, 3], [0, 0], 100) == [25, 75]  # in proportion when nothing binds
+    widths = report.fit_widths([30, 5, 5], [10, 20, 4], 100)  # the second would get 12.5 < 20
+    assert widths[1] == 20 and widths[2] >= 4 and sum(widths) == pytest.approx(100)
+    assert widths[0] / widths[2] == pytest.approx(30 / 5)  # the rest keep their proportions
