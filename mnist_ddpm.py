@@ -300,8 +300,12 @@ def cmd_train(args, device):
     history = {"epoch": [], "loss": [], "seconds": [], "snapshot_epochs": [], "snapshots": []}
     if args.resume:
         state = utils.load_checkpoint(resume_path, KIND + "-resume", f"{TRAIN_COMMAND} --out {out}")
-        if state["model_config"] != config_dict(config) or state["run"] != run:
-            raise utils.UserError(f"{resume_path} was made with other settings; rerun without --resume")
+        saved, current = {**state["model_config"], **state["run"]}, {**config_dict(config), **run}
+        differ = [f"{k} {saved.get(k)} there, {current.get(k)} here" for k in sorted(saved.keys() | current.keys())
+                  if saved.get(k) != current.get(k)]
+        if differ:
+            raise utils.UserError(f"{resume_path} was made with other settings ({'; '.join(differ)}); "
+                                  "pass the same flags, or rerun without --resume to start again")
         utils.restore_training_state(state, model, ema, optimizer, noise=gen, order=order_gen)
         epoch, seconds, history = state["epoch"], state["seconds"], state["history"]
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters; {args.epochs} epochs of {steps_per_epoch} "
@@ -1034,7 +1038,7 @@ _gamma = utils.number_type(float, lambda v: v > 0, "a positive number or 'off'")
 
 def min_snr_gamma(text):
     """--min-snr: a positive number, or 'off' (None: the plain, unweighted loss)."""
-    return None if text == "off" else _gamma(text)
+    return None if text.lower() == "off" else _gamma(text)
 
 
 def build_parser():

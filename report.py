@@ -98,13 +98,15 @@ def plain(text):
 def fit_widths(wanted, least, total):
     """Column widths that add up to `total` in proportion to `wanted`, except that none is
     below its `least`: those are held at it and the others share what is left."""
+    if sum(least) >= total:  # no room beyond the longest words: share the width in their proportion
+        return [total * m / sum(least) for m in least]
     held = [False] * len(wanted)
     while True:
         room = total - sum(m for m, h in zip(least, held) if h)
-        share = sum(w for w, h in zip(wanted, held) if not h)
-        widths = [m if h else room * w / share for w, m, h in zip(wanted, least, held)]
+        share = sum(max(w, 1e-9) for w, h in zip(wanted, held) if not h)
+        widths = [m if h else room * max(w, 1e-9) / share for w, m, h in zip(wanted, least, held)]
         short = [i for i, (w, m) in enumerate(zip(widths, least)) if w < m and not held[i]]
-        if not short or all(held):
+        if not short:
             return widths
         for i in short:
             held[i] = True

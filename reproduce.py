@@ -70,11 +70,17 @@ def maker(path):
 
 def recorded_seconds(path, per_model=1):
     """Seconds the shipped checkpoint's training took, from its own record, times the number of
-    models its command trains (None if unknown)."""
+    models its command trains (None if unknown). Where the record has the time after every
+    epoch, the median epoch times the epochs: a run that was paused or stopped and resumed
+    has wall time in its total that no epoch used."""
+    import statistics
     import torch
     try:
-        ckpt = torch.load(os.path.join(ROOT, path), map_location="cpu", weights_only=True)
-        return float(ckpt["train"]["seconds"]) * per_model
+        train = torch.load(os.path.join(ROOT, path), map_location="cpu", weights_only=True)["train"]
+        ends = train.get("history", {}).get("seconds", [])
+        if len(ends) >= 3:
+            return statistics.median(b - a for a, b in zip(ends, ends[1:])) * len(ends) * per_model
+        return float(train["seconds"]) * per_model
     except Exception:
         return None
 

@@ -286,7 +286,7 @@ def test_ctrl_c_keeps_finished_epochs_and_resume_ends_like_an_uninterrupted_run(
     done = torch.load(cut, weights_only=True)["train"]["epochs_done"]
     assert torch.load(str(cut) + ".resume.pt", weights_only=True)["epoch"] == done and 1 <= done < 30
     r = run(root, "train", *settings, "--out", cut, "--resume", "--lr", "0.01")
-    assert r.returncode == 2 and "other settings" in r.stderr  # a changed setting is refused, not mixed in
+    assert r.returncode == 2 and "lr 0.001 there, 0.01 here" in r.stderr  # refused, not mixed in, and named
     r = run(root, "train", *settings, "--out", cut, "--resume")
     assert r.returncode == 0, r.stderr
     a, b = torch.load(full, weights_only=True), torch.load(cut, weights_only=True)

@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import report
 import utils
@@ -109,3 +110,13 @@ def test_table_columns_share_the_width_but_none_falls_below_its_longest_word():
     widths = report.fit_widths([30, 5, 5], [10, 20, 4], 100)  # the second would get 12.5 < 20
     assert widths[1] == 20 and widths[2] >= 4 and sum(widths) == pytest.approx(100)
     assert widths[0] / widths[2] == pytest.approx(30 / 5)  # the rest keep their proportions
+
+
+def test_the_from_scratch_estimate_leaves_out_time_a_run_spent_paused(tmp_path):
+    import reproduce
+    paused = tmp_path / "paused.pt"  # four epochs of 100 s, with a 700 s pause in the second
+    torch.save({"train": {"seconds": 1100.0, "history": {"seconds": [100.0, 900.0, 1000.0, 1100.0]}}}, paused)
+    assert reproduce.recorded_seconds(str(paused)) == pytest.approx(400.0)
+    whole = tmp_path / "whole.pt"  # no record per epoch: the total is all there is
+    torch.save({"train": {"seconds": 55.0}}, whole)
+    assert reproduce.recorded_seconds(str(whole), per_model=4) == pytest.approx(220.0)
