@@ -983,8 +983,6 @@ def plot_evaluation(result, out):
     ws_with_steps = sorted({k[0] for k in keys if len({j[2] for j in keys if j[0] == k[0]}) > 2})
     fig, axes = plt.subplots(2, 2, figsize=(7.4, 6.4))
     axes = axes.flat
-    if not ws_with_steps:
-        axes[3].axis("off")
     settings = sorted({key[1:3] for key in keys}, key=lambda s: (s[0], -s[1]))
     for sampler, steps in settings:
         entries = sorted((e for e in result["by_w"] if entry_key(e, result["T"])[1:3] == (sampler, steps)), key=lambda e: e["w"])
@@ -1015,6 +1013,16 @@ def plot_evaluation(result, out):
         axes[3].set_xticks(steps, [str(k) for k in steps])
         axes[3].set_xlabel("sampling steps")
         axes[3].set_title("Frechet distance against sampling steps", fontsize=9)
+        axes[3].legend(fontsize=7.5)
+    else:  # which digits go wrong: the share read as asked, digit by digit, at each w
+        most = max(settings, key=lambda s: sum(k[1:3] == s for k in keys))
+        for key, e in sorted(zip(keys, result["by_w"]), key=lambda ke: ke[1]["w"]):
+            if key[1:3] == most:
+                axes[3].plot(range(10), [100 * a for a in e["accuracy_per_digit"]], "-o", ms=3.5, label=f"w = {e['w']:g}")
+        axes[3].axhline(99.5, color="grey", ls=":", lw=1)
+        axes[3].set_xticks(range(10))
+        axes[3].set_xlabel("requested digit")
+        axes[3].set_title(f"classified as requested, per digit (%), {most[0].upper()} {most[1]} steps", fontsize=9)
         axes[3].legend(fontsize=7.5)
     titles = ("classified as the requested digit (%)", "Frechet distance to real test digits",
               "within-class diversity, % of real")
