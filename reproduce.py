@@ -45,8 +45,8 @@ FIGURES = [
 REPORT = ("figures/report.pdf", ["visualize.py", "--task", "report"])
 
 # --from-scratch only: the models, then the measurements the figures above redraw
-EVALUATION = [["mnist_ddpm.py", "evaluate", "--ws", "0", "0.2", "0.4"],
-              ["mnist_ddpm.py", "evaluate", "--ws", "0", "0.2", "0.4", "--seed", "1", "--out", "figures/mnist_eval_seed1.json"]]
+EVALUATION = [["mnist_ddpm.py", "evaluate", "--ws", "0", "0.2", "0.3", "0.4"],
+              ["mnist_ddpm.py", "evaluate", "--ws", "0", "0.2", "0.3", "0.4", "--seed", "1", "--out", "figures/mnist_eval_seed1.json"]]
 TRAINING = [  # (checkpoint whose record gives the time it took, command)
     ("checkpoints/twopixel_T50.pt", ["train.py", "--T", "5", "10", "25", "50"]),
     # the fast-sampling study's model: at T = 200 each step is seen less often, and 2500 steps
