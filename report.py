@@ -170,8 +170,9 @@ def render(source, out, locate=None, missing_hint=None):
                 pdf.set_font("Mono", "", size * 0.92)
                 piece = piece[1:-1]
                 room = pdf.w - pdf.r_margin - pdf.get_x()
-                if " " not in piece and room < pdf.get_string_width(piece) <= pdf.epw:
-                    pdf.ln(h)  # a path or command is not split across lines
+                first = piece.split(" ")[0]
+                if room < pdf.get_string_width(first) <= pdf.epw:
+                    pdf.ln(h)  # a path, flag or command is not split inside a word
             elif piece.startswith("**"):
                 pdf.set_font("Sans", "B" + style.replace("B", ""), size)
                 piece = piece[2:-2]
