@@ -120,3 +120,25 @@ def test_the_from_scratch_estimate_leaves_out_time_a_run_spent_paused(tmp_path):
     whole = tmp_path / "whole.pt"  # no record per epoch: the total is all there is
     torch.save({"train": {"seconds": 55.0}}, whole)
     assert reproduce.recorded_seconds(str(whole), per_model=4) == pytest.approx(220.0)
+
+
+def test_a_code_span_is_not_broken_inside_a_word(tmp_path, monkeypatch):
+    # Words before a flag in `code` shift it along the line; wherever it lands, its first word
+    # either fits in what is left of the line or starts the next one: fpdf would otherwise
+    # cut the word at the margin ("--preci" / "sion").
+    from fpdf import FPDF
+    starts = []
+    original = FPDF.write
+
+    def write(self, h, text, link=""):
+        if self.font_family.lower().startswith("mono"):
+            room = self.w - self.r_margin - self.get_x()
+            starts.append((self.get_string_width(text.split(" ")[0]), room, self.get_x() - self.l_margin))
+        return original(self, h, text, link)
+
+    monkeypatch.setattr(FPDF, "write", write)
+    body = " ".join(f"{'word ' * k}`--precision auto` and" for k in range(40))
+    report.render(write_doc(tmp_path, body=body), tmp_path / "out.pdf")
+    assert len(starts) == 40
+    assert all(width <= room or at_margin < 0.01 for width, room, at_margin in starts)
+    assert any(at_margin < 0.01 for _, _, at_margin in starts)  # some did have to move to a new line
