@@ -45,8 +45,10 @@ FIGURES = [
 REPORT = ("figures/report.pdf", ["visualize.py", "--task", "report"])
 
 # --from-scratch only: the models, then the measurements the figures above redraw
-EVALUATION = [["mnist_ddpm.py", "evaluate", "--ws", "0", "0.2", "0.3", "0.4"],
-              ["mnist_ddpm.py", "evaluate", "--ws", "0", "0.2", "0.3", "0.4", "--seed", "1", "--out", "figures/mnist_eval_seed1.json"]]
+EVALUATED_WS = ["0", "0.2", "0.3", "0.4"]
+EVALUATION = [(f"figures/mnist_eval{suffix}.json",  # (what it writes, command)
+               ["mnist_ddpm.py", "evaluate", "--ws", *EVALUATED_WS, "--seed", seed, "--out", f"figures/mnist_eval{suffix}.json"])
+              for seed, suffix in (("0", ""), ("1", "_seed1"))]
 TRAINING = [  # (checkpoint whose record gives the time it took, command)
     ("checkpoints/twopixel_T50.pt", ["train.py", "--T", "5", "10", "25", "50"]),
     # the fast-sampling study's model: at T = 200 each step is seen less often, and 2500 steps
@@ -123,7 +125,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     steps = list(FIGURES) + [REPORT]
     if args.from_scratch:
-        first = [(ckpt, cmd) for ckpt, cmd in TRAINING] + [("figures/mnist_eval.json", cmd) for cmd in EVALUATION]
+        first = TRAINING + EVALUATION
         steps = first + steps
         known = [recorded_seconds(ckpt, 4 if "twopixel_T50" in ckpt else 1) for ckpt, _ in TRAINING]
         hours = (sum(s for s in known if s) + evaluation_seconds()) / 3600
