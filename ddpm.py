@@ -1,4 +1,4 @@
-"""The two-block conditional 1-D UNet that predicts the noise in a two-pixel image (SPEC.md section 3).
+"""The two-block conditional 1-D UNet that predicts the noise in a two-pixel image, as the handout specifies it.
 
 Shapes: x_t (B, 1, 2) (one channel, two pixels), t int64 (B,) step indices in [0, T-1],
 y int64 (B,) labels with NULL_LABEL (-1) for "no label", or None for no labels at all.

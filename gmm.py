@@ -1,7 +1,7 @@
 """The two-pixel world: a two-component Gaussian mixture over [left, right] pixel values.
 
 An image has two pixels, so an image is a point in 2-D and its whole distribution can
-be drawn. The ground truth (SPEC.md section 1):
+be drawn. The ground truth, as the handout defines it:
 
     class y = 0: mean [0.35, 0.65], std 0.1, weight 0.35  (left darker than right)
     class y = 1: mean [0.75, 0.45], std 0.1, weight 0.65  (left lighter than right)
@@ -128,7 +128,8 @@ class TwoPixelGMM:
 
     # -- the oracle ----------------------------------------------------------------
     def eps_star(self, x_t, alpha_bar, y=None):
-        """Exact optimal noise prediction eps*(x_t) = -sqrt(1 - abar) grad log q(x_t) (SPEC.md section 1).
+        """Exact optimal noise prediction eps*(x_t) = -sqrt(1 - abar) grad log q(x_t), the scaled score of the
+        noised marginal.
 
         For a mixture, grad log q(x_t) = -sum_k r_k(x_t) (x_t - sqrt(abar) mu_k) / v with
         v = abar s^2 + 1 - abar and r_k(x_t) the posterior responsibility of component k
