@@ -19,7 +19,7 @@ batches), seconds to sample the 100-digit grid at T = 200 with guidance (target 
 float32), one guided sampling step run in several ways taking turns (in chunks of several
 sizes, channels-last, as a frozen TorchScript graph, and with --compile through
 torch.compile), ten inpaintings and ten SDEdits of a test digit, the cost of full attention,
-and seconds per epoch of each design-study configuration.
+and seconds per epoch and per guided sampling step of each design-study configuration.
 """
 import copy
 import functools
@@ -204,20 +204,34 @@ def mnist(device, checkpoint, try_compile=False):
         step, _ = seconds_per_batch(dict(ckpt["model_config"], attn_window=window), diffusion, images, labels, batch,
                                     "fp32", device, n=10)
         out[f"window_{window}_seconds_per_batch_fp32"] = step
-    # 4. the configurations of the design study, one epoch each in the default precision
-    precision = utils.resolve_precision("auto", device)[0]
-    base = {"T": diffusion.T, "channels": [16, 32, 64, 64]}
-    out["study_precision"] = precision
-    out["study"] = {}
-    for name, extra in STUDY.items():
-        step, params = seconds_per_batch({**base, **extra}, diffusion, images, labels, batch, precision, device)
-        out["study"][name] = {"parameters": params, "epoch_seconds": step * epoch, **extra}
+    # 4. the configurations of the design study
+    out["study_precision"] = utils.resolve_precision("auto", device)[0]
+    out["study"] = design_study(diffusion, images, labels, batch, out["study_precision"], (x, t, y), device)
     return out
 
 
 # the MNIST design study's configurations (figures/mnist_study/*.json hold their scores)
 # (Min-SNR weighting changes only the loss, so it costs what its network costs.)
-STUDY = {"bias": {}, "scale-shift": {"scale_shift": True}, "scale-shift-2layers": {"scale_shift": True, "res_layers": 2}}
+STUDY = {"bias": {}, "scale-shift": {"scale_shift": True}, "scale-shift-2layers": {"scale_shift": True, "res_layers": 2},
+         "scale-shift-8-32-96-96": {"scale_shift": True, "channels": [8, 32, 96, 96]}}
+
+
+def design_study(diffusion, images, labels, batch, precision, guided_step, device):
+    """Per configuration of STUDY: parameters, seconds per training epoch in `precision` and
+    seconds of one guided sampling step (float32, on the inputs `guided_step`, the configurations
+    taking turns). The weights are fresh: what a step costs does not depend on them."""
+    import mnist_ddpm
+    base = {"T": diffusion.T, "channels": [16, 32, 64, 64]}
+    rows, nets = {}, {}
+    for name, extra in STUDY.items():
+        config = {**base, **extra}
+        step, params = seconds_per_batch(config, diffusion, images, labels, batch, precision, device)
+        rows[name] = {"parameters": params, "epoch_seconds": step * len(images) / batch, **extra}
+        torch.manual_seed(0)
+        nets[name] = (mnist_ddpm.build_unet(config).to(device).eval(), *guided_step)
+    for name, seconds in interleaved_step_seconds(nets).items():
+        rows[name]["guided_step_seconds"] = seconds
+    return rows
 
 
 def main():
@@ -253,7 +267,8 @@ def main():
         print(f"MNIST training step on a batch of {m['batch_size']} in fp32: {m['window_7_seconds_per_batch_fp32']:.3f} s "
               f"with 7 x 7 attention windows, {m['window_28_seconds_per_batch_fp32']:.3f} s with full 28 x 28 attention")
         for name, row in m["study"].items():
-            print(f"study {name}: {row['parameters']:,} parameters, {row['epoch_seconds']:.0f} s per epoch in {m['study_precision']}")
+            print(f"study {name}: {row['parameters']:,} parameters, {row['epoch_seconds']:.0f} s per epoch in "
+                  f"{m['study_precision']}, {row['guided_step_seconds']:.3f} s per guided step of 200 images")
     utils.save_json(args.out, result)
     print(f"wrote {args.out}")
 
