@@ -293,13 +293,15 @@ def cmd_train(args, device):
     steps_per_epoch = math.ceil(len(x_all) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     run = {"seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-           "p_uncond": args.p_uncond, "ema_decay": args.ema, "min_snr": args.min_snr, "precision": precision,
+           "p_uncond": args.p_uncond, "ema_decay": args.ema, "min_snr": args.min_snr,
+           "min_snr_mode": args.min_snr_mode, "precision": precision,
            "images": len(x_all), "data": args.data, "device": str(device)}
     epoch, seconds = 0, 0.0
     history = {"epoch": [], "loss": [], "seconds": [], "snapshot_epochs": [], "snapshots": []}
     if args.resume:
         state = utils.load_checkpoint(resume_path, KIND + "-resume", f"{TRAIN_COMMAND} --out {out}")
-        saved, current = {**state["model_config"], **state["run"]}, {**config_dict(config), **run}
+        saved = {"min_snr_mode": "weight", **state["model_config"], **state["run"]}  # files from before the flag
+        current = {**config_dict(config), **run}
         differ = [f"{k} {saved.get(k)} there, {current.get(k)} here" for k in sorted(saved.keys() | current.keys())
                   if saved.get(k) != current.get(k)]
         if differ:
@@ -324,7 +326,8 @@ def cmd_train(args, device):
                 lr = utils.cosine_lr(epoch * steps_per_epoch + i, total_steps, args.lr, warmup=min(500, total_steps // 10 + 1))
                 losses.append(utils.train_step(model, ema, optimizer, diffusion, x_all[idx].to(device),
                                                labels[idx].to(device), gen, lr, args.p_uncond,
-                                               bf16=precision == "bf16", min_snr=args.min_snr))
+                                               bf16=precision == "bf16", min_snr=args.min_snr,
+                                               min_snr_mode=args.min_snr_mode))
                 if i % 10 == 0:
                     bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}",
                                     img_s=f"{len(losses) * args.batch_size / (time.perf_counter() - t_epoch):.0f}")
@@ -1086,6 +1089,10 @@ def build_parser():
     q.add_argument("--min-snr", type=min_snr_gamma, default=5.0, metavar="GAMMA",
                    help="weight each example's loss by min(SNR, GAMMA) / SNR, which lowers the weight of the "
                         "nearly clean steps (Min-SNR weighting; default 5; 'off' for the plain loss)")
+    q.add_argument("--min-snr-mode", choices=["weight", "sample"], default="weight",
+                   help="how the Min-SNR weight is applied: 'weight' draws t uniformly and weights each "
+                        "example's loss; 'sample' draws t in proportion to the weight, unweighted (the same "
+                        "expected loss, with no examples spent on nearly ignored steps; default weight)")
     q.add_argument("--channels", type=utils.positive_int, nargs=4, default=[16, 32, 64, 64], metavar="C",
                    help="features of the four blocks, multiples of 8 (default 16 32 64 64)")
     q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with x_train, y_train, x_test, y_test (default {DEFAULT_DATA})")

@@ -1,5 +1,6 @@
 """The MNIST model and script on a tiny configuration: blocks, training, every subcommand, bad input."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -97,6 +98,7 @@ def test_training_lowers_the_loss_and_records_metadata(tiny_ckpt):
     for key in ("epochs_done", "seconds", "final_loss", "seed"):
         assert key in ckpt["train"]
     assert ckpt["train"]["min_snr"] == 5.0  # the shipped recipe's weighting is the default
+    assert ckpt["train"]["min_snr_mode"] == "weight"
 
 
 def test_min_snr_flag_takes_a_positive_gamma_or_off(capsys):
@@ -355,6 +357,39 @@ def test_min_snr_weights_each_example_by_min_snr_over_snr():
     # a gamma above every SNR weighs nothing: the plain loss
     plain = diffusion.training_loss(zero, x_0, None, utils.make_generator(3))
     assert diffusion.training_loss(zero, x_0, None, utils.make_generator(3), min_snr=1e9).item() == pytest.approx(plain.item())
+
+
+def test_sampled_min_snr_draws_t_by_weight_and_keeps_the_expected_loss():
+    T, gamma = 20, 1.0
+    diffusion = utils.Diffusion(T, "cosine")
+    # the weights by hand from the cosine schedule's abar_t, indexed t = 0..T-1 for steps 1..T
+    f = lambda s: math.cos((s / T + 0.008) / 1.008 * math.pi / 2) ** 2
+    abar = [f(s + 1) / f(0) for s in range(T)]
+    weight = torch.tensor([min(a / (1 - a), gamma) / (a / (1 - a)) for a in abar])
+    assert torch.allclose(diffusion.min_snr_weights(gamma), weight, rtol=1e-4)
+
+    # a "model" whose error depends on t only: eps_pred = c_t everywhere, so the expected squared
+    # error of an example at step t is 1 + c_t^2, and the expected loss is mean_t weight_t (1 + c_t^2)
+    c = torch.linspace(-2, 2, T)
+    seen = []
+
+    def model(x, t, y):
+        seen.append(t)
+        return c[t][:, None, None, None].expand_as(x)
+
+    x_0 = torch.zeros(4000, 1, 2, 2)
+    expected = (weight * (1 + c ** 2)).mean().item()
+    for mode in ("weight", "sample"):
+        seen.clear()
+        loss = diffusion.training_loss(model, x_0, None, utils.make_generator(5), min_snr=gamma, min_snr_mode=mode)
+        assert loss.item() == pytest.approx(expected, rel=0.05), mode
+    # sampled: each step turns up in proportion to its weight (4000 draws; a step of share p has
+    # a standard deviation of sqrt(p (1 - p) / 4000) < 0.008)
+    share = torch.bincount(seen[0], minlength=T).float() / len(seen[0])
+    assert torch.allclose(share, weight / weight.sum(), atol=0.025)
+    assert share[:3].sum() < 0.5 * 3 / T  # the nearly clean steps are drawn far less than uniformly
+    with pytest.raises(ValueError, match="choose 'weight' or 'sample'"):
+        diffusion.training_loss(model, x_0, None, utils.make_generator(5), min_snr=gamma, min_snr_mode="uniform")
 
 
 def test_chunked_sampling_passes_give_the_one_batch_result(monkeypatch):
