@@ -1092,7 +1092,8 @@ def build_parser():
     q.add_argument("--min-snr-mode", choices=["weight", "sample"], default="weight",
                    help="how the Min-SNR weight is applied: 'weight' draws t uniformly and weights each "
                         "example's loss; 'sample' draws t in proportion to the weight, unweighted (the same "
-                        "expected loss, with no examples spent on nearly ignored steps; default weight)")
+                        "expected loss, with few examples spent on nearly ignored steps; no effect with --min-snr off; "
+                        "default weight)")
     q.add_argument("--channels", type=utils.positive_int, nargs=4, default=[16, 32, 64, 64], metavar="C",
                    help="features of the four blocks, multiples of 8 (default 16 32 64 64)")
     q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with x_train, y_train, x_test, y_test (default {DEFAULT_DATA})")
