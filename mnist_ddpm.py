@@ -90,6 +90,7 @@ class MnistUNetConfig:
     groups: int = 8  # GroupNorm groups
     res_layers: int = 1  # residual layers per block, before its attention
     scale_shift: bool = False  # the embedding scales and shifts the normalised features instead of adding a bias
+    prediction: str = "eps"  # what the last convolution predicts: the noise, or v (turned into the noise on the way out)
 
 
 class ResidualLayer(nn.Module):
@@ -202,6 +203,10 @@ class MnistUNet(nn.Module):
                                  Block(c3 + c2, c2, cfg), Block(c2 + c1, c1, cfg)])
         self.norm_out = nn.GroupNorm(cfg.groups, c1)
         self.conv_out = nn.Conv2d(c1, 1, 3, padding=1)
+        if cfg.prediction not in ("eps", "v"):
+            raise ValueError(f"unknown prediction {cfg.prediction!r}; choose 'eps' or 'v'")
+        if cfg.prediction == "v":  # abar_t of the cosine schedule that MNIST training uses (not saved: derived from T)
+            self.register_buffer("abar", torch.cumprod(1 - utils.cosine_betas(cfg.T), 0).float(), persistent=False)
 
     def forward(self, x_t, t, y=None, chunk=None):
         chunk = CHUNK if chunk is None else chunk
@@ -221,7 +226,13 @@ class MnistUNet(nn.Module):
             if h.shape[-1] != skip.shape[-1]:
                 h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
             h = block(torch.cat([h, skip], dim=1), emb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        if self.config.prediction == "eps":
+            return out
+        # v = sqrt(abar) eps - sqrt(1 - abar) x_0 with x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps gives
+        # eps = sqrt(abar) v + sqrt(1 - abar) x_t (Salimans & Ho 2022), in float32 even under autocast
+        abar = self.abar[t][:, None, None, None]
+        return abar.sqrt() * out.float() + (1 - abar).sqrt() * x_t.float()
 
 
 def build_unet(config_dict):
@@ -281,7 +292,7 @@ def cmd_train(args, device):
         images, labels = images[:args.limit], labels[:args.limit]
     x_all = to_model(images)
     config = MnistUNetConfig(T=args.T, channels=tuple(args.channels), res_layers=args.res_layers,
-                             scale_shift=args.embedding == "scale-shift")
+                             scale_shift=args.embedding == "scale-shift", prediction=args.prediction)
     diffusion = utils.Diffusion(args.T, "cosine")
 
     torch.manual_seed(args.seed)  # initial weights and Fourier frequencies
@@ -300,7 +311,7 @@ def cmd_train(args, device):
     history = {"epoch": [], "loss": [], "seconds": [], "snapshot_epochs": [], "snapshots": []}
     if args.resume:
         state = utils.load_checkpoint(resume_path, KIND + "-resume", f"{TRAIN_COMMAND} --out {out}")
-        saved = {"min_snr_mode": "weight", **state["model_config"], **state["run"]}  # files from before the flag
+        saved = {"min_snr_mode": "weight", "prediction": "eps", **state["model_config"], **state["run"]}  # files from before the flags
         current = {**config_dict(config), **run}
         differ = [f"{k} {saved.get(k)} there, {current.get(k)} here" for k in sorted(saved.keys() | current.keys())
                   if saved.get(k) != current.get(k)]
@@ -327,7 +338,7 @@ def cmd_train(args, device):
                 losses.append(utils.train_step(model, ema, optimizer, diffusion, x_all[idx].to(device),
                                                labels[idx].to(device), gen, lr, args.p_uncond,
                                                bf16=precision == "bf16", min_snr=args.min_snr,
-                                               min_snr_mode=args.min_snr_mode))
+                                               min_snr_mode=args.min_snr_mode, prediction=args.prediction))
                 if i % 10 == 0:
                     bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}",
                                     img_s=f"{len(losses) * args.batch_size / (time.perf_counter() - t_epoch):.0f}")
@@ -1094,6 +1105,11 @@ def build_parser():
                         "example's loss; 'sample' draws t in proportion to the weight, unweighted (the same "
                         "expected loss, with few examples spent on nearly ignored steps; no effect with --min-snr off; "
                         "default weight)")
+    q.add_argument("--prediction", choices=["eps", "v"], default="eps",
+                   help="what the network predicts: the noise eps, or v = sqrt(abar) eps - sqrt(1 - abar) x_0, "
+                        "whose loss weighs the clean image's error at least as much as at every step, the noisiest "
+                        "included (with --min-snr GAMMA the weight of the image error is min(1 + SNR, GAMMA)); "
+                        "default eps")
     q.add_argument("--channels", type=utils.positive_int, nargs=4, default=[16, 32, 64, 64], metavar="C",
                    help="features of the four blocks, multiples of 8 (default 16 32 64 64)")
     q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with x_train, y_train, x_test, y_test (default {DEFAULT_DATA})")

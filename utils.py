@@ -86,13 +86,20 @@ class Diffusion:
         abar = extract(self.alphas_cumprod, t, x_0.shape)
         return abar.sqrt() * x_0 + (1 - abar).sqrt() * noise
 
-    def min_snr_weights(self, gamma):
-        """The Min-SNR weight min(SNR_t, gamma) / SNR_t of every step, SNR_t = abar_t / (1 - abar_t): (T,) float32."""
+    def min_snr_weights(self, gamma, prediction="eps"):
+        """The Min-SNR weight of every step's squared noise error, (T,) float32, SNR_t = abar_t / (1 - abar_t).
+        prediction "eps": min(SNR_t, gamma) / SNR_t. prediction "v": the squared error of v is the noise's
+        divided by abar_t, and of the clean image's times 1 + SNR_t; capped, the image error counts
+        min(1 + SNR_t, gamma), so the noise error counts min(1 + SNR_t, gamma) / SNR_t (without a cap,
+        gamma = None, (1 + SNR_t) / SNR_t: the plain loss of v)."""
         snr = self.alphas_cumprod / (1 - self.alphas_cumprod)
+        if prediction == "v":
+            image = 1 + snr if gamma is None else (1 + snr).clamp(max=gamma)
+            return (image / snr).float()
         return (snr.clamp(max=gamma) / snr).float()
 
     def training_loss(self, model, x_0, y, generator, p_uncond=0.1, loss_type="l2", min_snr=None,
-                      min_snr_mode="weight"):
+                      min_snr_mode="weight", prediction="eps"):
         """The simplified DDPM objective E_{t, x_0, eps} || eps - eps_theta(x_t, t, y) || (Ho et al.
         2020 eq. 14), with each label replaced by NULL_LABEL with probability p_uncond so that
         one network also learns the unconditional eps(x_t, t, none) (Ho & Salimans 2022, alg. 1).
@@ -109,14 +116,20 @@ class Diffusion:
         sampled, every example counts fully, and the noisy half of the chain, where the digit is
         decided, gets 78% of the examples instead of 50% for the same cost.
 
+        prediction = "v": the model predicts v and turns it into eps itself; the loss is that of v
+        (see min_snr_weights), written on the noise error.
+
         x_0: (B, ...) clean data; y: (B,) int64 labels or None. Returns the scalar mean loss.
         """
         B, device = x_0.shape[0], x_0.device
         if min_snr_mode not in ("weight", "sample"):
             raise ValueError(f"unknown min_snr_mode {min_snr_mode!r}; choose 'weight' or 'sample'")
-        sample_t = min_snr is not None and min_snr_mode == "sample"
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"unknown prediction {prediction!r}; choose 'eps' or 'v'")
+        weighted = min_snr is not None or prediction == "v"
+        sample_t = weighted and min_snr_mode == "sample"
         if sample_t:
-            weights = self.min_snr_weights(min_snr).to(device)
+            weights = self.min_snr_weights(min_snr, prediction).to(device)
             t = torch.multinomial(weights, B, replacement=True, generator=generator)
         else:
             t = torch.randint(0, self.T, (B,), generator=generator, device=device)
@@ -125,14 +138,14 @@ class Diffusion:
             drop = torch.rand(B, generator=generator, device=device) < p_uncond
             y = torch.where(drop, torch.full_like(y, NULL_LABEL), y)
         eps_pred = model(self.q_sample(x_0, t, noise), t, y)
-        if min_snr is None:
+        if not weighted:
             return noise_loss(eps_pred, noise, loss_type)
         if loss_type != "l2":
-            raise ValueError("min_snr weighting is defined for the l2 loss only")
+            raise ValueError("min_snr weighting and v-prediction are defined for the l2 loss only")
         per_example = (eps_pred.float() - noise).square().flatten(1).mean(1)
         if sample_t:  # E_uniform[weight * error] = mean(weight) * E_{t ~ weight}[error]
             return weights.mean() * per_example.mean()
-        return (self.min_snr_weights(min_snr).to(device)[t] * per_example).mean()
+        return (self.min_snr_weights(min_snr, prediction).to(device)[t] * per_example).mean()
 
     def predict_x0(self, x_t, t, eps):
         """The clean image implied by a noise prediction: x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
@@ -389,14 +402,14 @@ def cosine_lr(step, total, lr, warmup):
 
 
 def train_step(model, ema, optimizer, diffusion, x_0, y, generator, lr, p_uncond=0.1, loss_type="l2", clip=1.0,
-               bf16=False, min_snr=None, min_snr_mode="weight"):
+               bf16=False, min_snr=None, min_snr_mode="weight", prediction="eps"):
     """One optimisation step on a batch: loss, backward, gradient clipping, Adam, EMA. Returns the loss.
     With bf16, the model's matrix products and convolutions run in bfloat16 (torch.autocast);
     the weights, their gradients, the loss and the optimiser stay float32."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with torch.autocast(x_0.device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = diffusion.training_loss(model, x_0, y, generator, p_uncond, loss_type, min_snr, min_snr_mode)
+        loss = diffusion.training_loss(model, x_0, y, generator, p_uncond, loss_type, min_snr, min_snr_mode, prediction)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)

@@ -392,6 +392,46 @@ def test_sampled_min_snr_draws_t_by_weight_and_keeps_the_expected_loss():
         diffusion.training_loss(model, x_0, None, utils.make_generator(5), min_snr=gamma, min_snr_mode="uniform")
 
 
+def test_v_prediction_gives_the_noise_and_the_loss_of_v():
+    T, gamma = 20, 5.0
+    diffusion = utils.Diffusion(T, "cosine")
+    f = lambda s: math.cos((s / T + 0.008) / 1.008 * math.pi / 2) ** 2
+    # abar_t by hand, with each beta capped at 0.999 as the schedule does (f(T) = 0 would give abar_T = 0)
+    abar = torch.tensor([math.prod(1 - min(1 - f(k) / f(k - 1), 0.999) for k in range(1, s + 2)) for s in range(T)],
+                        dtype=torch.float64)
+    snr = abar / (1 - abar)
+    # the image error counts min(1 + SNR, gamma): on the noise error that is min(1 + SNR, gamma) / SNR
+    expected = torch.tensor([min(1 + r, gamma) / r for r in snr.tolist()])
+    assert torch.allclose(diffusion.min_snr_weights(gamma, "v"), expected.float(), rtol=1e-4)
+
+    # a network whose last layer outputs the true v = sqrt(abar) eps - sqrt(1 - abar) x_0 returns eps
+    torch.manual_seed(0)
+    net = M.MnistUNet(M.MnistUNetConfig(T=T, channels=(8, 8, 16, 16), prediction="v")).eval()
+    x_0, eps, t = torch.rand(6, 1, 28, 28) * 2 - 1, torch.randn(6, 1, 28, 28), torch.tensor([0, 3, 9, 15, 18, 19])
+    a = abar[t].float()[:, None, None, None]
+    x_t = diffusion.q_sample(x_0, t, eps)
+    v = a.sqrt() * eps - (1 - a).sqrt() * x_0
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, out):
+            super().__init__()
+            self.out = out
+
+        def forward(self, h):
+            return self.out + v
+
+    net.conv_out = Fixed(torch.zeros(()))
+    with torch.no_grad():
+        assert torch.allclose(net(x_t, t, None), eps, atol=1e-4)
+        # an error d in v is an error sqrt(abar) d in eps; weighted, the loss is that of v times min(1 + SNR, gamma) / (1 + SNR)
+        net.conv_out = Fixed(torch.full((), 0.1))
+        err = (net(x_t, t, None) - eps).square().flatten(1).mean(1)
+    w = diffusion.min_snr_weights(gamma, "v")[t]
+    assert torch.allclose(w * err, 0.01 * (snr[t].float() + 1).clamp(max=gamma) / (1 + snr[t].float()), rtol=1e-2)
+    with pytest.raises(ValueError, match="choose 'eps' or 'v'"):
+        M.MnistUNet(M.MnistUNetConfig(T=T, channels=(8, 8, 16, 16), prediction="x0"))
+
+
 def test_chunked_sampling_passes_give_the_one_batch_result(monkeypatch):
     torch.manual_seed(0)
     net = M.MnistUNet(M.MnistUNetConfig(T=10, channels=(8, 8, 16, 16))).eval()
