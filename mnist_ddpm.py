@@ -206,7 +206,7 @@ class MnistUNet(nn.Module):
         if cfg.prediction not in ("eps", "v"):
             raise ValueError(f"unknown prediction {cfg.prediction!r}; choose 'eps' or 'v'")
         if cfg.prediction == "v":  # abar_t of the cosine schedule that MNIST training uses (not saved: derived from T)
-            self.register_buffer("abar", torch.cumprod(1 - utils.cosine_betas(cfg.T), 0).float(), persistent=False)
+            self.register_buffer("abar", utils.Diffusion(cfg.T, "cosine").alphas_cumprod.float(), persistent=False)
 
     def forward(self, x_t, t, y=None, chunk=None):
         chunk = CHUNK if chunk is None else chunk
