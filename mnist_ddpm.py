@@ -900,12 +900,12 @@ def cmd_evaluate(args, device):
     if args.replot:  # the figure again from the saved numbers, with no sampling
         try:
             with open(args.out) as f:
-                plot_evaluation(json.load(f), figure)
+                written = plot_evaluation(json.load(f), figure)
         except FileNotFoundError:
             raise utils.UserError(f"{args.out} not found; make it with `python mnist_ddpm.py evaluate --out {args.out}`") from None
         except (ValueError, KeyError, TypeError):
             raise utils.UserError(f"{args.out} is not an evaluation file of `python mnist_ddpm.py evaluate`") from None
-        print(f"wrote {figure} from {args.out}")
+        print(f"wrote {' and '.join(written)} from {args.out}")
         return
     model, diffusion, ckpt = load_unet(args.checkpoint, args.T, device)
     utils.check_steps(args.steps, diffusion)
@@ -950,7 +950,7 @@ def cmd_evaluate(args, device):
     todo = [(w, args.sampler, steps, args.eta) for w in args.ws]
     result["by_w"] = [e for key, e in kept.items() if key not in todo]
     for w, sampler, steps, eta in todo:
-        if (w, sampler, steps, eta) in kept:
+        if "misread" in kept.get((w, sampler, steps, eta), {}):  # (entries from before the misreads were kept: sampled again)
             entry = kept[(w, sampler, steps, eta)]
             print(f"w={w:g}, {sampler} {steps} steps: kept from {args.out}")
         else:
@@ -965,15 +965,73 @@ def cmd_evaluate(args, device):
                      "accuracy_per_digit": [(pred[labels == k] == k).float().mean().item() for k in range(10)],
                      "frechet_distance": frechet_distance(f, f_test),
                      "diversity_per_digit": div,
-                     "diversity_ratio": float(np.mean(div) / np.mean(real_div))}
+                     "diversity_ratio": float(np.mean(div) / np.mean(real_div)),
+                     "misread": misread_samples(x, labels, pred)}
         result["by_w"].append(entry)
         result["by_w"].sort(key=lambda e: (entry_key(e, diffusion.T)[1], -entry_key(e, diffusion.T)[2], e["w"]))
         utils.save_json(args.out, result)  # after every setting, so a long run keeps what it has
         print(f"w={w:g}, {sampler} {steps} steps: accuracy {entry['accuracy']:.3f}, Frechet {entry['frechet_distance']:.2f} "
               f"(floor {result['frechet_floor_train_vs_test']:.2f}), diversity {entry['diversity_ratio']:.2f} of real, "
               f"{entry['sampling_seconds']:.0f} s", flush=True)
-    plot_evaluation(result, figure)
-    print(f"wrote {args.out} and {figure}")
+    print(f"wrote {' and '.join([args.out] + plot_evaluation(result, figure))}")
+
+
+MISREAD_KEPT = 40  # the most misread samples an evaluation entry keeps the pixels of
+
+
+def misread_samples(images, labels, pred, limit=MISREAD_KEPT):
+    """The first `limit` samples read as another digit than asked, for the figure of them:
+    [{"index", "asked", "read", "pixels"}], index the sample's place in the evaluated batch and
+    pixels its 28 x 28 grey levels in [0, 1] as bytes 0-255 (ink 255), row by row, in hex."""
+    wrong = torch.nonzero(pred != labels)[:limit, 0]
+    return [{"index": int(i), "asked": int(labels[i]), "read": int(pred[i]),
+             "pixels": (images[i] * 255).round().to(torch.uint8).numpy().tobytes().hex()} for i in wrong]
+
+
+def misread_image(sample):
+    """The (28, 28) float image in [0, 1] of one entry of misread_samples."""
+    return np.frombuffer(bytes.fromhex(sample["pixels"]), dtype=np.uint8).reshape(28, 28) / 255.0
+
+
+def plot_misreads(result, out, per_row=16):
+    """The samples read as another digit, one group of rows per w (of the most evaluated sampler
+    setting), each titled 'asked > read'. Evaluations from before the misreads were kept draw nothing."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [entry_key(e, result["T"]) for e in result["by_w"]]
+    entries = [e for e in result["by_w"] if "misread" in e]
+    if not entries:
+        return None
+    setting = max({k[1:3] for k, e in zip(keys, result["by_w"]) if "misread" in e},
+                  key=lambda s: sum(k[1:3] == s for k in keys))
+    entries = sorted((e for k, e in zip(keys, result["by_w"]) if "misread" in e and k[1:3] == setting), key=lambda e: e["w"])
+    n = 10 * result["n_per_digit"]
+    rows = [max(1, math.ceil(len(e["misread"]) / per_row)) for e in entries]
+    fig, axes = plt.subplots(sum(rows), per_row + 1, figsize=(0.62 * (per_row + 1), 0.78 * sum(rows) + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    row = 0
+    for e, r in zip(entries, rows):
+        wrong = round(n * (1 - e["accuracy"]))
+        shown = f"first {len(e['misread'])} shown" if len(e["misread"]) < wrong else ""
+        axes[row, 0].text(1.0, 0.5, f"w = {e['w']:g}\n{wrong} of {n}\n{shown}", ha="right", va="center", fontsize=7.5,
+                          transform=axes[row, 0].transAxes)
+        for j, sample in enumerate(e["misread"]):
+            ax = axes[row + j // per_row, 1 + j % per_row]
+            ax.imshow(misread_image(sample), cmap="gray", vmin=0, vmax=1)
+            ax.set_title(f"{sample['asked']} → {sample['read']}", fontsize=7, pad=2)
+        row += r
+    fig.suptitle(f"Samples read as another digit than asked (asked → read), {setting[0].upper()} {setting[1]} steps, "
+                 f"seed {result['seed']}", fontsize=9)
+    fig.tight_layout(pad=0.3)
+    utils.save_figure(fig, out)
+    return out
+
+
+def misread_figure(figure):
+    """Where the figure of the misread samples goes, beside the evaluation's figure."""
+    return os.path.splitext(figure)[0] + "_misread.png"
 
 
 def entry_key(entry, T):
@@ -987,7 +1045,8 @@ def model_fingerprint(ckpt):
 
 
 def plot_evaluation(result, out):
-    """Accuracy, Frechet distance (with the floor) and diversity against w, one line per sampler setting."""
+    """Accuracy, Frechet distance (with the floor) and diversity against w, one line per sampler setting;
+    and beside it the samples read as another digit, where the results keep them. Returns the files written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1046,6 +1105,7 @@ def plot_evaluation(result, out):
     fig.suptitle(f"MNIST samples, {result['n_per_digit']} per digit (T={result['T']}, seed {result['seed']})", fontsize=10)
     fig.tight_layout()
     utils.save_figure(fig, out)
+    return [out] + [p for p in [plot_misreads(result, misread_figure(out))] if p]
 
 
 # ----------------------------------------------------------------------------------

@@ -163,6 +163,13 @@ def test_grid_trajectory_classifier_and_evaluate_write_their_files(root, tiny_ck
     assert [e["w"] for e in ev["by_w"]] == [0.0, 1.0]
     assert all(0 <= e["accuracy"] <= 1 and e["frechet_distance"] >= 0 for e in ev["by_w"])
     assert (tmp_path / "eval.png").exists()
+    # each entry keeps the samples read as another digit: as many as the accuracy says (up to
+    # the cap), each in its place in the batch of 4 per digit, drawn beside the figure
+    for e in ev["by_w"]:
+        wrong = round(40 * (1 - e["accuracy"]))
+        assert len(e["misread"]) == min(wrong, M.MISREAD_KEPT)
+        assert all(s["asked"] == s["index"] // 4 != s["read"] for s in e["misread"])
+    assert (tmp_path / "eval_misread.png").read_bytes()[:4] == b"\x89PNG"
     # the reference: the classifier's accuracy on the real test digits the samples are compared with
     test_x, test_y = M.per_class(*M.load_mnist(small_data, "test"), 4, utils.make_generator(0))
     model, _ = M.load_classifier(clf, "cpu")
@@ -176,6 +183,19 @@ def test_grid_trajectory_classifier_and_evaluate_write_their_files(root, tiny_ck
     again = json.loads((tmp_path / "eval.json").read_text())
     assert [e["w"] for e in again["by_w"]] == [0.0, 1.0, 2.0]
     assert again["by_w"][1] == ev["by_w"][1]
+
+
+def test_misread_samples_keep_the_wrong_ones_in_order_and_their_pixels():
+    images = torch.rand(6, 28, 28)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    pred = torch.tensor([0, 3, 1, 0, 2, 9])
+    kept = M.misread_samples(images, labels, pred)
+    assert [(s["index"], s["asked"], s["read"]) for s in kept] == [(1, 0, 3), (3, 1, 0), (5, 2, 9)]
+    assert len(kept[0]["pixels"]) == 2 * 784
+    for s in kept:  # 8-bit grey levels: within half a level of the sample
+        assert np.abs(M.misread_image(s) - images[s["index"]].numpy()).max() <= 0.5 / 255 + 1e-6
+    assert [s["index"] for s in M.misread_samples(images, labels, pred, limit=2)] == [1, 3]
+    assert M.misread_samples(images, labels, labels) == []
 
 
 def test_formation_settle_steps_on_a_hand_made_chain():
