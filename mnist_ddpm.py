@@ -76,6 +76,11 @@ def to_pixels(x):
     return ((x + 1) / 2).clamp(0, 1)
 
 
+def to_grey_levels(images):
+    """[0, 1] -> uint8 0-255 (ink 255), as the data are stored."""
+    return (images * 255).round().to(torch.uint8)
+
+
 # ----------------------------------------------------------------------------------
 # The UNet: four blocks on each path, each a residual layer and self-attention
 # ----------------------------------------------------------------------------------
@@ -280,7 +285,7 @@ def training_snapshot(model, diffusion, seed, device):
     with torch.no_grad():
         x = draw(model, diffusion, torch.arange(10), 0.0, seed, device, sampler="ddim", steps=min(SNAPSHOT_STEPS, diffusion.T))
     model.train(was_training)
-    return (x * 255).round().to(torch.uint8)
+    return to_grey_levels(x)
 
 
 def cmd_train(args, device):
@@ -985,7 +990,7 @@ def misread_samples(images, labels, pred, limit=MISREAD_KEPT):
     pixels its 28 x 28 grey levels in [0, 1] as bytes 0-255 (ink 255), row by row, in hex."""
     wrong = torch.nonzero(pred != labels)[:limit, 0]
     return [{"index": int(i), "asked": int(labels[i]), "read": int(pred[i]),
-             "pixels": (images[i] * 255).round().to(torch.uint8).numpy().tobytes().hex()} for i in wrong]
+             "pixels": to_grey_levels(images[i]).numpy().tobytes().hex()} for i in wrong]
 
 
 def misread_image(sample):
@@ -993,19 +998,22 @@ def misread_image(sample):
     return np.frombuffer(bytes.fromhex(sample["pixels"]), dtype=np.uint8).reshape(28, 28) / 255.0
 
 
+def most_evaluated(settings, keys):
+    """The (sampler, steps) setting among `settings` that the most entry keys have."""
+    return max(settings, key=lambda s: sum(k[1:3] == s for k in keys))
+
+
 def plot_misreads(result, out, per_row=16):
     """The samples read as another digit, one group of rows per w (of the most evaluated sampler
-    setting), each titled 'asked > read'. Evaluations from before the misreads were kept draw nothing."""
+    setting), each titled 'asked → read'. Evaluations from before the misreads were kept draw nothing."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = [entry_key(e, result["T"]) for e in result["by_w"]]
-    entries = [e for e in result["by_w"] if "misread" in e]
-    if not entries:
+    keyed = [(entry_key(e, result["T"]), e) for e in result["by_w"] if "misread" in e]
+    if not keyed:
         return None
-    setting = max({k[1:3] for k, e in zip(keys, result["by_w"]) if "misread" in e},
-                  key=lambda s: sum(k[1:3] == s for k in keys))
-    entries = sorted((e for k, e in zip(keys, result["by_w"]) if "misread" in e and k[1:3] == setting), key=lambda e: e["w"])
+    setting = most_evaluated({k[1:3] for k, _ in keyed}, [entry_key(e, result["T"]) for e in result["by_w"]])
+    entries = sorted((e for k, e in keyed if k[1:3] == setting), key=lambda e: e["w"])
     n = 10 * result["n_per_digit"]
     rows = [max(1, math.ceil(len(e["misread"]) / per_row)) for e in entries]
     fig, axes = plt.subplots(sum(rows), per_row + 1, figsize=(0.62 * (per_row + 1), 0.78 * sum(rows) + 0.5), squeeze=False)
@@ -1087,7 +1095,7 @@ def plot_evaluation(result, out):
         axes[3].set_title("Frechet distance against sampling steps", fontsize=9)
         axes[3].legend(fontsize=7.5)
     else:  # which digits go wrong: the share read as asked, digit by digit, at each w
-        most = max(settings, key=lambda s: sum(k[1:3] == s for k in keys))
+        most = most_evaluated(settings, keys)
         for key, e in sorted(zip(keys, result["by_w"]), key=lambda ke: ke[1]["w"]):
             if key[1:3] == most:
                 axes[3].plot(range(10), [100 * a for a in e["accuracy_per_digit"]], "-o", ms=3.5, label=f"w = {e['w']:g}")
