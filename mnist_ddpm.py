@@ -1276,8 +1276,9 @@ def build_parser():
     q.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help=f"classifier checkpoint (default {DEFAULT_CLASSIFIER})")
     q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with the real digits (default {DEFAULT_DATA})")
     q.add_argument("--out", default=os.path.join("figures", "mnist_eval.json"),
-                   help="where the results go (JSON; the figure goes beside it as .png). Settings already in this file "
-                        "from the same model, n, seed and classifier are kept, not sampled again")
+                   help="where the results go (JSON; the figure goes beside it as .png, the misread samples as "
+                        "_misread.png). Settings already in this file from the same model, n, seed and classifier "
+                        "are kept, not sampled again, unless they were saved without their misread samples")
     q.add_argument("--replot", action="store_true", help="only redraw the figure from the results already in --out")
     common(q)
     utils.add_sampler_flags(q)
