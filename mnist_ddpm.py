@@ -1009,10 +1009,11 @@ def plot_misreads(result, out, per_row=16):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keyed = [(entry_key(e, result["T"]), e) for e in result["by_w"] if "misread" in e]
+    keys = [entry_key(e, result["T"]) for e in result["by_w"]]
+    keyed = [(k, e) for k, e in zip(keys, result["by_w"]) if "misread" in e]
     if not keyed:
         return None
-    setting = most_evaluated({k[1:3] for k, _ in keyed}, [entry_key(e, result["T"]) for e in result["by_w"]])
+    setting = most_evaluated({k[1:3] for k, _ in keyed}, keys)
     entries = sorted((e for k, e in keyed if k[1:3] == setting), key=lambda e: e["w"])
     n = 10 * result["n_per_digit"]
     rows = [max(1, math.ceil(len(e["misread"]) / per_row)) for e in entries]
@@ -1277,7 +1278,7 @@ def build_parser():
     q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with the real digits (default {DEFAULT_DATA})")
     q.add_argument("--out", default=os.path.join("figures", "mnist_eval.json"),
                    help="where the results go (JSON; the figure goes beside it as .png, the misread samples as "
-                        "_misread.png). Settings already in this file from the same model, n, seed and classifier "
+                        "<name>_misread.png). Settings already in this file from the same model, n, seed and classifier "
                         "are kept, not sampled again, unless they were saved without their misread samples")
     q.add_argument("--replot", action="store_true", help="only redraw the figure from the results already in --out")
     common(q)
