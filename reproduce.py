@@ -39,8 +39,9 @@ FIGURES = [
     ("figures/mnist_training.png", ["mnist_ddpm.py", "progress"]),
     ("figures/mnist_forming.gif", ["mnist_ddpm.py", "animate"]),
     ("figures/mnist_inpaint.png figures/mnist_edit.png", ["mnist_ddpm.py", "prior"]),
-    ("figures/mnist_eval.png", ["mnist_ddpm.py", "evaluate", "--replot"]),
-    ("figures/mnist_eval_seed1.png", ["mnist_ddpm.py", "evaluate", "--replot", "--out", "figures/mnist_eval_seed1.json"]),
+    ("figures/mnist_eval.png figures/mnist_eval_misread.png", ["mnist_ddpm.py", "evaluate", "--replot"]),
+    ("figures/mnist_eval_seed1.png figures/mnist_eval_seed1_misread.png",
+     ["mnist_ddpm.py", "evaluate", "--replot", "--out", "figures/mnist_eval_seed1.json"]),
 ]
 REPORT = ("figures/report.pdf", ["visualize.py", "--task", "report"])
 

@@ -97,8 +97,22 @@ def test_training_lowers_the_loss_and_records_metadata(tiny_ckpt):
     assert hist["epoch"] == [1, 2, 3] and hist["loss"][-1] < hist["loss"][0]
     for key in ("epochs_done", "seconds", "final_loss", "seed"):
         assert key in ckpt["train"]
-    assert ckpt["train"]["min_snr"] == 5.0  # the shipped recipe's weighting is the default
+    assert ckpt["train"]["min_snr"] == 1.0  # the shipped recipe's weighting is the default
     assert ckpt["train"]["min_snr_mode"] == "weight"
+
+
+def test_the_shipped_checkpoint_is_what_the_default_train_command_makes(root):
+    """checkpoints/mnist_T200.pt records the settings it was trained with; they must be the
+    defaults of `mnist_ddpm.py train`, or the README's command would train another model."""
+    ckpt = torch.load(os.path.join(root, "checkpoints", "mnist_T200.pt"), map_location="cpu", weights_only=True)
+    args = M.build_parser().parse_args(["train"])
+    recorded = ckpt["train"]
+    for key, default in [("seed", args.seed), ("epochs", args.epochs), ("batch_size", args.batch_size),
+                         ("lr", args.lr), ("p_uncond", args.p_uncond), ("ema_decay", args.ema),
+                         ("min_snr", args.min_snr), ("min_snr_mode", args.min_snr_mode)]:
+        assert recorded[key] == default, key
+    assert recorded["epochs_done"] == args.epochs and recorded["images"] == 60000
+    assert ckpt["model_config"] == M.config_dict(M.train_config(args)) and ckpt["T"] == args.T
 
 
 def test_min_snr_flag_takes_a_positive_gamma_or_off(capsys):
@@ -308,7 +322,7 @@ def test_ctrl_c_keeps_finished_epochs_and_resume_ends_like_an_uninterrupted_run(
     done = torch.load(cut, weights_only=True)["train"]["epochs_done"]
     assert torch.load(str(cut) + ".resume.pt", weights_only=True)["epoch"] == done and 1 <= done < 30
     r = run(root, "train", *settings, "--out", cut, "--resume", "--lr", "0.01")
-    assert r.returncode == 2 and "lr 0.001 there, 0.01 here" in r.stderr  # refused, not mixed in, and named
+    assert r.returncode == 2 and "lr 0.002 there, 0.01 here" in r.stderr  # refused, not mixed in, and named
     r = run(root, "train", *settings, "--out", cut, "--resume")
     assert r.returncode == 0, r.stderr
     a, b = torch.load(full, weights_only=True), torch.load(cut, weights_only=True)
