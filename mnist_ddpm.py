@@ -295,6 +295,13 @@ def train_config(args):
                            scale_shift=args.embedding == "scale-shift", prediction=args.prediction)
 
 
+def train_settings(args):
+    """The training settings `train` records in its checkpoint, from its flags."""
+    return {"seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+            "p_uncond": args.p_uncond, "ema_decay": args.ema, "min_snr": args.min_snr,
+            "min_snr_mode": args.min_snr_mode}
+
+
 def cmd_train(args, device):
     out, resume_path = args.out, args.out + ".resume.pt"
     utils.ensure_writable_dir(out)
@@ -314,10 +321,7 @@ def cmd_train(args, device):
     order_gen = utils.make_generator(args.seed + 1)  # order of the images in each epoch
     steps_per_epoch = math.ceil(len(x_all) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
-    run = {"seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-           "p_uncond": args.p_uncond, "ema_decay": args.ema, "min_snr": args.min_snr,
-           "min_snr_mode": args.min_snr_mode, "precision": precision,
-           "images": len(x_all), "data": args.data, "device": str(device)}
+    run = {**train_settings(args), "precision": precision, "images": len(x_all), "data": args.data, "device": str(device)}
     epoch, seconds = 0, 0.0
     history = {"epoch": [], "loss": [], "seconds": [], "snapshot_epochs": [], "snapshots": []}
     if args.resume:

@@ -107,9 +107,7 @@ def test_the_shipped_checkpoint_is_what_the_default_train_command_makes(root):
     ckpt = torch.load(os.path.join(root, "checkpoints", "mnist_T200.pt"), map_location="cpu", weights_only=True)
     args = M.build_parser().parse_args(["train"])
     recorded = ckpt["train"]
-    for key, default in [("seed", args.seed), ("epochs", args.epochs), ("batch_size", args.batch_size),
-                         ("lr", args.lr), ("p_uncond", args.p_uncond), ("ema_decay", args.ema),
-                         ("min_snr", args.min_snr), ("min_snr_mode", args.min_snr_mode)]:
+    for key, default in M.train_settings(args).items():
         assert recorded[key] == default, key
     assert recorded["epochs_done"] == args.epochs and recorded["images"] == 60000
     assert ckpt["model_config"] == M.config_dict(M.train_config(args)) and ckpt["T"] == args.T
