@@ -1,6 +1,7 @@
 """Sample from the shipped two-pixel checkpoints and draw the figures.
 
     python visualize.py --task all          # every two-pixel figure, then the report
+    python visualize.py --task all --n 500  # a quick draft: 500 samples per figure
     python visualize.py --task handout      # the handout's four figures below
     python visualize.py --task trajectory   # figures/twopixel_trajectory.png (T = 50)
     python visualize.py --task tsweep       # figures/twopixel_tsweep.png and _oracle.png (T = 5, 10, 25, 50)
@@ -19,6 +20,7 @@ Each figure's numbers are saved beside it as JSON. Densities are 2-D histograms
 (smoothed by one bin) of the points, drawn with fixed axes and colour scales wherever
 panels are compared.
 """
+import inspect
 import os
 import time
 
@@ -50,10 +52,13 @@ def build_parser():
     p.add_argument("--figures", default="figures", help="directory for figures and their JSON (default figures)")
     p.add_argument("--checkpoint-dir", default="checkpoints", help="folder of the twopixel_T{T}.pt checkpoints (default checkpoints)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--n", type=utils.positive_int, default=None,
+                   help="number of samples: for --task samples (default 5000); for the figures, the samples each one draws "
+                        "(per label or per case where it draws them separately), for a quick, noisier draft "
+                        "(default: each figure's own, 1000 to 10000, as shipped; its JSON records the count)")
     g = p.add_argument_group("sampling (--task samples)")
     g.add_argument("--T", type=utils.positive_int, default=50, help="diffusion steps of the model; picks checkpoints/twopixel_T{T}.pt (default 50)")
     g.add_argument("--checkpoint", default=None, help="another checkpoint to sample from; its T must match --T")
-    g.add_argument("--n", type=utils.positive_int, default=5000, help="number of samples (default 5000)")
     g.add_argument("--label", type=int, choices=(0, 1), default=None,
                    help="class to sample: 0 = left pixel darker, 1 = left pixel lighter (default: no label, the whole mixture)")
     g.add_argument("--w", type=utils.guidance_strength, default=0.0,
@@ -97,6 +102,10 @@ def parse_args(argv=None):
         p.error("--inpaint, --resample and --jump need --known-left or --known-right")
     if args.inpaint != "repaint" and (args.resample or args.jump):
         p.error("--resample and --jump apply to --inpaint repaint only")
+    if args.task in ("loss", "report") and args.n is not None:
+        p.error(f"--n: --task {args.task} draws no samples")
+    if args.task == "samples" and args.n is None:
+        args.n = 5000
     args.inpaint = args.inpaint or "replace"
     args.resample, args.jump = args.resample or 10, args.jump or 5
     return args
@@ -706,7 +715,11 @@ def main():
     start = time.perf_counter()
     from tqdm import tqdm
     for task in tqdm(tasks, desc="figures", unit="figure", disable=args.quiet or len(tasks) == 1):
-        FIGURE_TASKS[task](args, device)
+        make = FIGURE_TASKS[task]
+        if args.n is not None and "n" in inspect.signature(make).parameters:
+            make(args, device, n=args.n)  # a draft with fewer (or more) samples than the figure's own
+        else:
+            make(args, device)
     print(f"done in {time.perf_counter() - start:.1f} s")
 
 

@@ -30,7 +30,8 @@ def test_all_tasks_write_their_files_and_repeat(root, tiny_dir, tmp_path):
     outs = []
     for name, task in (("a", "all"), ("b", "trajectory")):  # everything once; then one figure again
         figures = tmp_path / name
-        r = run(root, "visualize.py", "--task", task, "--checkpoint-dir", tiny_dir, "--figures", figures, "--quiet")
+        r = run(root, "visualize.py", "--task", task, "--checkpoint-dir", tiny_dir, "--figures", figures, "--quiet",
+                "--n", 400)  # a draft: each figure draws 400 samples instead of its own 1000 to 10000
         assert r.returncode == 0, r.stderr
         outs.append(figures)
     expected = ["twopixel_trajectory.png", "twopixel_trajectory.json", "twopixel_tsweep.png", "twopixel_tsweep_oracle.png",
@@ -48,6 +49,7 @@ def test_all_tasks_write_their_files_and_repeat(root, tiny_dir, tmp_path):
     assert set(sweep["by_T"]) == {"5", "10", "25", "50"}
     assert (outs[0] / "report.pdf").read_bytes()[:4] == b"%PDF"
     fast = json.loads((outs[0] / "twopixel_fast_sampling.json").read_text())
+    assert fast["n"] == 400 and json.loads((outs[0] / "twopixel_trajectory.json").read_text())["n_chains"] == 400
     assert set(fast["by_sampler"]) == {"ddpm_learned", "ddpm_oracle", "ddim_learned", "ddim_oracle"}
     assert all(len(v["energy_distance"]) == len(fast["steps"]) for v in fast["by_sampler"].values())
     guided = json.loads((outs[0] / "twopixel_classifier_guidance.json").read_text())
@@ -90,3 +92,5 @@ def test_figure_task_errors(root, tmp_path):
     blocker.write_text("")
     r = run(root, "visualize.py", "--task", "loss", "--figures", blocker / "sub")
     assert r.returncode == 2 and "cannot create directory" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run(root, "visualize.py", "--task", "loss", "--n", 100)
+    assert r.returncode == 2 and "--task loss draws no samples" in r.stderr and len(r.stderr.strip().splitlines()) == 1
