@@ -44,6 +44,14 @@ def tiny_ckpt(root, small_data, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_clf(root, small_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clf") / "clf.pt"
+    r = run(root, "classifier", "--epochs", 1, "--data", small_data, "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
 def test_blocks_have_residual_layers_and_attention_with_the_right_shapes():
     cfg = M.MnistUNetConfig(T=10, channels=(8, 8, 16, 16))
     net = M.MnistUNet(cfg)
@@ -150,7 +158,7 @@ def test_sample_writes_the_contracted_array_and_repeats(root, tiny_ckpt, tmp_pat
     assert a.read_bytes() == b.read_bytes()
 
 
-def test_grid_trajectory_classifier_and_evaluate_write_their_files(root, tiny_ckpt, small_data, tmp_path):
+def test_grid_trajectory_animate_and_evaluate_write_their_files(root, tiny_ckpt, tiny_clf, small_data, tmp_path):
     r = run(root, "grid", "--checkpoint", tiny_ckpt, "--ws", 0, 2, "--out", tmp_path / "mnist_grid.png", "--quiet")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "mnist_grid.png").exists() and (tmp_path / "mnist_grid_w.png").exists()
@@ -163,11 +171,8 @@ def test_grid_trajectory_classifier_and_evaluate_write_their_files(root, tiny_ck
     r = run(root, "animate", "--checkpoint", tiny_ckpt, "--out", tmp_path / "forming.gif", "--quiet")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "forming.gif").read_bytes()[:6] == b"GIF89a"
-    clf = tmp_path / "clf.pt"
-    r = run(root, "classifier", "--epochs", 1, "--data", small_data, "--out", clf, "--quiet")
-    assert r.returncode == 0, r.stderr
     (tmp_path / "eval.json").write_text("[]")  # not results of this command: replaced, not an error
-    r = run(root, "evaluate", "--checkpoint", tiny_ckpt, "--classifier", clf, "--data", small_data, "--n", 4,
+    r = run(root, "evaluate", "--checkpoint", tiny_ckpt, "--classifier", tiny_clf, "--data", small_data, "--n", 4,
             "--ws", 0, 1, "--out", tmp_path / "eval.json", "--quiet")
     assert r.returncode == 0, r.stderr
     assert "will be replaced" in r.stdout
@@ -184,11 +189,11 @@ def test_grid_trajectory_classifier_and_evaluate_write_their_files(root, tiny_ck
     assert (tmp_path / "eval_misread.png").read_bytes()[:4] == b"\x89PNG"
     # the reference: the classifier's accuracy on the real test digits the samples are compared with
     test_x, test_y = M.per_class(*M.load_mnist(small_data, "test"), 4, utils.make_generator(0))
-    model, _ = M.load_classifier(clf, "cpu")
+    model, _ = M.load_classifier(tiny_clf, "cpu")
     with torch.no_grad():
         assert ev["real_test_accuracy"] == pytest.approx((model(test_x).argmax(1) == test_y).float().mean().item())
     # a second run into the same file keeps w = 1 and samples only the new settings
-    r = run(root, "evaluate", "--checkpoint", tiny_ckpt, "--classifier", clf, "--data", small_data, "--n", 4,
+    r = run(root, "evaluate", "--checkpoint", tiny_ckpt, "--classifier", tiny_clf, "--data", small_data, "--n", 4,
             "--ws", 1, 2, "--out", tmp_path / "eval.json", "--quiet")
     assert r.returncode == 0, r.stderr
     assert "w=1, ddpm" in r.stdout and "kept from" in r.stdout and r.stdout.count("kept from") == 1
@@ -553,10 +558,8 @@ def test_inpaint_and_edit_refuse_bad_input(root, tmp_path, args, needle):
     assert not (tmp_path / "x.npy").exists()
 
 
-def test_prior_figures_and_numbers(root, tiny_ckpt, small_data, tmp_path):
-    clf = tmp_path / "clf.pt"
-    assert run(root, "classifier", "--epochs", 1, "--data", small_data, "--out", clf, "--quiet").returncode == 0
-    r = run(root, "prior", "--checkpoint", tiny_ckpt, "--classifier", clf, "--data", small_data, "--n", 1,
+def test_prior_figures_and_numbers(root, tiny_ckpt, tiny_clf, small_data, tmp_path):
+    r = run(root, "prior", "--checkpoint", tiny_ckpt, "--classifier", tiny_clf, "--data", small_data, "--n", 1,
             "--out", tmp_path / "mnist_inpaint.png", "--quiet")
     assert r.returncode == 0, r.stderr
     inp = json.loads((tmp_path / "mnist_inpaint.json").read_text())
