@@ -1,4 +1,5 @@
 import os
+import runpy
 import sys
 
 import pytest
@@ -10,3 +11,19 @@ sys.path.insert(0, ROOT)
 @pytest.fixture(scope="session")
 def root():
     return ROOT
+
+
+@pytest.fixture
+def run_here(monkeypatch, capsys):
+    """run_here(script, *args) runs `python script args` as the subprocess tests do (from the
+    project folder, as __main__), but inside this process: for command lines refused while the
+    flags are checked, where starting a new interpreter and importing torch would be most of
+    the time. Returns (exit status, stdout, stderr)."""
+    def run(script, *args):
+        monkeypatch.chdir(ROOT)
+        monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+        with pytest.raises(SystemExit) as exit_:
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+        out, err = capsys.readouterr()
+        return exit_.value.code, out, err
+    return run

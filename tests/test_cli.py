@@ -80,15 +80,15 @@ def test_every_flag_of_every_script_has_help_and_seed_and_device_exist(root):
     (["--n", "0"], "positive integer"),
     (["--w", "-2"], "w >= -1"),
 ])
-def test_bad_sampling_flags_give_one_line_and_exit_2(root, tmp_path, args, needle):
+def test_bad_sampling_flags_give_one_line_and_exit_2(run_here, tmp_path, args, needle):
     out = tmp_path / "s.npy"
-    r = run(root, "visualize.py", "--task", "samples", "--out", out, *args)
-    assert r.returncode == 2
-    assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr
+    status, _, err = run_here("visualize.py", "--task", "samples", "--out", out, *args)
+    assert status == 2
+    assert len(err.strip().splitlines()) == 1 and needle in err
     assert not out.exists()
 
 
-def test_bad_checkpoints_give_one_line_and_exit_2(root, tiny_ckpt, tmp_path):
+def test_bad_checkpoints_give_one_line_and_exit_2(run_here, tiny_ckpt, tmp_path):
     out = tmp_path / "s.npy"
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(tiny_ckpt.read_bytes()[:500])
@@ -105,9 +105,9 @@ def test_bad_checkpoints_give_one_line_and_exit_2(root, tiny_ckpt, tmp_path):
         (["--checkpoint", tiny_ckpt, "--T", "5"], "trained with T=4"),
     ]
     for args, needle in cases:
-        r = run(root, "visualize.py", "--task", "samples", "--out", out, *args)
-        assert r.returncode == 2, (args, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, (args, r.stderr)
+        status, _, err = run_here("visualize.py", "--task", "samples", "--out", out, *args)
+        assert status == 2, (args, err)
+        assert len(err.strip().splitlines()) == 1 and needle in err, (args, err)
         assert not out.exists()
 
 

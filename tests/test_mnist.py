@@ -280,12 +280,12 @@ def test_frechet_distance_of_shifted_gaussians():
     (["evaluate", "--n", "1"], "at least 2"),
     (["grid", "--out", "grid.jpeg"], "must end in .png"),
 ])
-def test_bad_flags(root, args, needle):
-    r = run(root, *args)
-    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_bad_flags(run_here, args, needle):
+    status, _, err = run_here("mnist_ddpm.py", *args)
+    assert status == 2 and needle in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_bad_checkpoints_and_data(root, tiny_ckpt, small_data, tmp_path):
+def test_bad_checkpoints_and_data(root, run_here, tiny_ckpt, small_data, tmp_path):
     out = tmp_path / "x.npy"
     truncated = tmp_path / "t.pt"
     truncated.write_bytes(tiny_ckpt.read_bytes()[:1000])
@@ -301,12 +301,12 @@ def test_bad_checkpoints_and_data(root, tiny_ckpt, small_data, tmp_path):
         (["sample", "--label", 1, "--checkpoint", tiny_ckpt, "--T", 200], "trained with T=10"),
     ]
     for args, needle in cases:
-        r = run(root, *args, "--out", out)
-        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+        status, _, err = run_here("mnist_ddpm.py", *args, "--out", out)
+        assert status == 2 and needle in err and len(err.strip().splitlines()) == 1, (args, err)
         assert not out.exists()
     for data, needle in ((bad_npz, "no x_train"), (not_npz, "not a readable"), (tmp_path / "none.npz", "not found")):
-        r = run(root, "train", *TINY_MODEL, "--data", data, "--out", tmp_path / "m.pt")
-        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        status, _, err = run_here("mnist_ddpm.py", "train", *TINY_MODEL, "--data", data, "--out", tmp_path / "m.pt")
+        assert status == 2 and needle in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "m.pt").exists()
 
 
@@ -552,9 +552,9 @@ def test_inpaint_keeps_the_kept_pixels_and_edit_follows_t0(root, tiny_ckpt, smal
     (["edit", "--index", "3", "--t0", "0"], "positive integer"),
     (["edit", "--index", "3", "--t0", "201"], "between 1 and T"),
 ])
-def test_inpaint_and_edit_refuse_bad_input(root, tmp_path, args, needle):
-    r = run(root, *args, "--out", tmp_path / "x.npy")
-    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+def test_inpaint_and_edit_refuse_bad_input(run_here, tmp_path, args, needle):
+    status, _, err = run_here("mnist_ddpm.py", *args, "--out", tmp_path / "x.npy")
+    assert status == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x.npy").exists()
 
 
