@@ -142,3 +142,46 @@ def test_a_code_span_is_not_broken_inside_a_word(tmp_path, monkeypatch):
     assert len(starts) == 40
     assert all(width <= room or at_margin < 0.01 for width, room, at_margin in starts)
     assert any(at_margin < 0.01 for _, _, at_margin in starts)  # some did have to move to a new line
+
+
+DESIGN_RUNS = {  # the design table's rows (by configuration) and the evaluations they report
+    "scale-shift": "scale_shift_24_epochs",
+    "scale-shift + Min-SNR 5": "min_snr_24_epochs",
+    "scale-shift + Min-SNR 5 (shipped first)": "min_snr_5_40_epochs",
+    "scale-shift + Min-SNR 1": "min_snr_1_40_epochs",
+    "scale-shift + Min-SNR 5, channels 8 / 32 / 96 / 96": "channels_8_32_96_96_32_epochs",
+    "scale-shift + Min-SNR 1, steps drawn by weight": "min_snr_1_sampled_40_epochs",
+    "scale-shift + Min-SNR 1, channels 16 / 48 / 96 / 96": "channels_16_48_96_96_min_snr_1_28_epochs",
+    "scale-shift + Min-SNR 5, predicting v": "v_min_snr_5_40_epochs",
+    "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05 (shipped)": "min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs",
+    "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, 2 residual layers":
+        "two_residual_layers_min_snr_1_lr_2e-3_p_uncond_0.05_28_epochs",
+}
+
+
+def test_the_design_table_reports_what_the_evaluations_measured(root):
+    import json
+    text = open(os.path.join(root, "REPORT.md"), encoding="utf-8").read()
+    rows = {}
+    for line in text[text.index("| configuration | parameters |"):].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells
+    assert set(DESIGN_RUNS) <= set(rows)
+    for name, stem in DESIGN_RUNS.items():
+        accuracy, distance = [], []
+        for suffix in ("", "_seed1"):
+            with open(os.path.join(root, "figures", "mnist_study", f"{stem}_eval{suffix}.json")) as f:
+                ev = json.load(f)
+            at_0 = [e for e in ev["by_w"] if e["w"] == 0][-1]
+            accuracy.append(f"{100 * at_0['accuracy']:.1f}%")
+            distance.append(f"{at_0['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f}")
+        assert rows[name][4:6] == [" / ".join(accuracy), " / ".join(distance)], name
+    # the row marked shipped is the model in checkpoints/mnist_T200.pt, whose evaluation is figures/mnist_eval.json
+    shipped = [name for name in rows if name.endswith("(shipped)")]
+    assert len(shipped) == 1
+    with open(os.path.join(root, "figures", "mnist_study", f"{DESIGN_RUNS[shipped[0]]}_eval.json")) as f:
+        study = json.load(f)
+    with open(os.path.join(root, "figures", "mnist_eval.json")) as f:
+        assert json.load(f)["model"] == study["model"]
