@@ -1,7 +1,7 @@
 """Sample from the shipped two-pixel checkpoints and draw the figures.
 
     python visualize.py --task all          # every two-pixel figure, then the report
-    python visualize.py --task all --n 500  # a quick draft: 500 samples per figure
+    python visualize.py --task all --n 500  # a quick draft in figures/draft: 500 samples per figure
     python visualize.py --task handout      # the handout's four figures below
     python visualize.py --task trajectory   # figures/twopixel_trajectory.png (T = 50)
     python visualize.py --task tsweep       # figures/twopixel_tsweep.png and _oracle.png (T = 5, 10, 25, 50)
@@ -20,7 +20,6 @@ Each figure's numbers are saved beside it as JSON. Densities are 2-D histograms
 (smoothed by one bin) of the points, drawn with fixed axes and colour scales wherever
 panels are compared.
 """
-import inspect
 import os
 import time
 
@@ -34,6 +33,7 @@ from gmm import TwoPixelGMM
 TASKS = ("samples", "trajectory", "tsweep", "guidance", "loss", "fast", "classifier", "schedules", "inpaint", "animate", "report",
          "all", "handout", "studies")
 SWEEP_T = (5, 10, 25, 50)
+DRAFTS = os.path.join("figures", "draft")  # where figures drawn with --n go unless --figures says otherwise
 DATA_BOX = (-0.15, 1.25)  # the pixel-value window of every panel that shows x_0
 # Every two-pixel chain clips its predicted clean point x0_hat to this box, 7.5 standard
 # deviations beyond the outermost class mean, so it never touches real data. Without it, a
@@ -49,13 +49,16 @@ def build_parser():
                         "animate (GIF), report (REPORT.md typeset as figures/report.pdf), handout (its four figures), "
                         "studies (the four studies), all (every two-pixel figure, then the report; "
                         "python reproduce.py remakes the MNIST figures too), or samples (an (n, 2) float32 array of pixel values)")
-    p.add_argument("--figures", default="figures", help="directory for figures and their JSON (default figures)")
+    p.add_argument("--figures", default=None,
+                   help=f"directory for figures and their JSON (default figures, or {DRAFTS} with --n, so that a draft "
+                        "never replaces a shipped figure)")
     p.add_argument("--checkpoint-dir", default="checkpoints", help="folder of the twopixel_T{T}.pt checkpoints (default checkpoints)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--n", type=utils.positive_int, default=None,
-                   help="number of samples: for --task samples (default 5000); for the figures, the samples each one draws "
-                        "(per label or per case where it draws them separately), for a quick, noisier draft "
-                        "(default: each figure's own, 1000 to 10000, as shipped; its JSON records the count)")
+                   help="number of samples: for --task samples (default 5000); for the figures, the model's samples "
+                        "or chains each one draws (per label or per case where it draws them separately), for a quick, "
+                        f"noisier draft written to {DRAFTS} (default: each figure's own, 1000 to 10000, as shipped; "
+                        "its JSON records the count; the exact references keep theirs)")
     g = p.add_argument_group("sampling (--task samples)")
     g.add_argument("--T", type=utils.positive_int, default=50, help="diffusion steps of the model; picks checkpoints/twopixel_T{T}.pt (default 50)")
     g.add_argument("--checkpoint", default=None, help="another checkpoint to sample from; its T must match --T")
@@ -104,8 +107,12 @@ def parse_args(argv=None):
         p.error("--resample and --jump apply to --inpaint repaint only")
     if args.task in ("loss", "report") and args.n is not None:
         p.error(f"--n: --task {args.task} draws no samples")
+    if args.task not in ("samples", "loss", "report") and args.n == 1:
+        p.error("--n: a figure needs at least 2 samples, for their spread")
     if args.task == "samples" and args.n is None:
         args.n = 5000
+    if args.figures is None:
+        args.figures = DRAFTS if args.n is not None and args.task != "samples" else "figures"
     args.inpaint = args.inpaint or "replace"
     args.resample, args.jump = args.resample or 10, args.jump or 5
     return args
@@ -688,6 +695,7 @@ def task_report(args, device, source=REPORT):
 FIGURE_TASKS = {"trajectory": task_trajectory, "tsweep": task_tsweep, "guidance": task_guidance,
                 "loss": task_loss, "fast": task_fast, "classifier": task_classifier, "schedules": task_schedules,
                 "report": task_report, "animate": task_animate, "inpaint": task_inpaint}
+SAMPLED_TASKS = ("trajectory", "tsweep", "guidance", "fast", "classifier", "schedules", "animate", "inpaint")  # take n
 HANDOUT = ("trajectory", "tsweep", "guidance", "loss")
 STUDIES = ("fast", "classifier", "schedules", "inpaint")  # beyond the handout
 GROUPS = {"all": HANDOUT + STUDIES + ("report",),  # every two-pixel figure, then the report
@@ -715,11 +723,10 @@ def main():
     start = time.perf_counter()
     from tqdm import tqdm
     for task in tqdm(tasks, desc="figures", unit="figure", disable=args.quiet or len(tasks) == 1):
-        make = FIGURE_TASKS[task]
-        if args.n is not None and "n" in inspect.signature(make).parameters:
-            make(args, device, n=args.n)  # a draft with fewer (or more) samples than the figure's own
+        if args.n is not None and task in SAMPLED_TASKS:
+            FIGURE_TASKS[task](args, device, n=args.n)  # a draft with fewer (or more) samples than the figure's own
         else:
-            make(args, device)
+            FIGURE_TASKS[task](args, device)
     print(f"done in {time.perf_counter() - start:.1f} s")
 
 

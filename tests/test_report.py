@@ -145,6 +145,7 @@ def test_a_code_span_is_not_broken_inside_a_word(tmp_path, monkeypatch):
 
 
 DESIGN_RUNS = {  # the design table's rows (by configuration) and the evaluations they report
+    "bias (first model)": "bias_22_epochs",
     "scale-shift": "scale_shift_24_epochs",
     "scale-shift + Min-SNR 5": "min_snr_24_epochs",
     "scale-shift + Min-SNR 5 (shipped first)": "min_snr_5_40_epochs",
@@ -168,20 +169,33 @@ def test_the_design_table_reports_what_the_evaluations_measured(root):
             break
         cells = [c.strip() for c in line.strip("|").split("|")]
         rows[cells[0]] = cells
-    assert set(DESIGN_RUNS) <= set(rows)
+    assert set(rows) == set(DESIGN_RUNS)
+
+    def load(path):
+        with open(os.path.join(root, "figures", path)) as f:
+            return json.load(f)
+
+    def entry(ev, w):  # the table's setting: 100 per digit, DDPM with 200 steps
+        assert ev["n_per_digit"] == 100
+        found = [e for e in ev["by_w"] if e["w"] == w and e["sampler"] == "ddpm" and e["steps"] == 200]
+        return found[-1] if found else None
+
+    shipped = load("mnist_eval.json")
     for name, stem in DESIGN_RUNS.items():
         accuracy, distance = [], []
-        for suffix in ("", "_seed1"):
-            with open(os.path.join(root, "figures", "mnist_study", f"{stem}_eval{suffix}.json")) as f:
-                ev = json.load(f)
-            at_0 = [e for e in ev["by_w"] if e["w"] == 0][-1]
-            accuracy.append(f"{100 * at_0['accuracy']:.1f}%")
-            distance.append(f"{at_0['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f}")
+        for seed, suffix in ((0, ""), (1, "_seed1")):
+            ev = load(f"mnist_study/{stem}_eval{suffix}.json")
+            assert ev["seed"] == seed
+            e = entry(ev, 0.0)
+            accuracy.append(f"{100 * e['accuracy']:.1f}%" if e else "not run")
+            distance.append(f"{e['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f}" if e else "not run")
         assert rows[name][4:6] == [" / ".join(accuracy), " / ".join(distance)], name
-    # the row marked shipped is the model in checkpoints/mnist_T200.pt, whose evaluation is figures/mnist_eval.json
-    shipped = [name for name in rows if name.endswith("(shipped)")]
-    assert len(shipped) == 1
-    with open(os.path.join(root, "figures", "mnist_study", f"{DESIGN_RUNS[shipped[0]]}_eval.json")) as f:
-        study = json.load(f)
-    with open(os.path.join(root, "figures", "mnist_eval.json")) as f:
-        assert json.load(f)["model"] == study["model"]
+        ev = load(f"mnist_study/{stem}_eval.json")
+        if name.endswith("(shipped)"):  # the model in checkpoints/mnist_T200.pt, evaluated in figures/mnist_eval.json
+            assert shipped["model"] == ev["model"]
+            ev = shipped
+        e = entry(ev, 0.4)
+        guided = "not evaluated" if e is None else (
+            f"{100 * e['accuracy']:.1f}% / {e['frechet_distance']:.1f} "
+            f"({e['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f}) / {100 * e['diversity_ratio']:.0f}%")
+        assert rows[name][6] == guided, name

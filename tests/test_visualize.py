@@ -94,3 +94,13 @@ def test_figure_task_errors(root, tmp_path):
     assert r.returncode == 2 and "cannot create directory" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run(root, "visualize.py", "--task", "loss", "--n", 100)
     assert r.returncode == 2 and "--task loss draws no samples" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_draft_goes_to_its_own_folder_and_needs_two_samples(run_here):
+    import visualize
+    assert visualize.parse_args(["--task", "trajectory", "--n", "50"]).figures == os.path.join("figures", "draft")
+    assert visualize.parse_args(["--task", "trajectory"]).figures == "figures"  # the shipped figures
+    assert visualize.parse_args(["--task", "all", "--n", "50", "--figures", "elsewhere"]).figures == "elsewhere"
+    assert visualize.parse_args(["--task", "samples", "--out", "x.npy"]).n == 5000
+    status, _, err = run_here("visualize.py", "--task", "fast", "--n", 1)
+    assert status == 2 and "at least 2 samples" in err and len(err.strip().splitlines()) == 1
