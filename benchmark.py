@@ -17,7 +17,8 @@ Two-pixel, for T = 5, 10, 25, 50:
 MNIST, side by side in float32 and bfloat16: seconds per training epoch (timed on 100
 batches), seconds to sample the 100-digit grid at T = 200 with guidance (target <= 60 s in
 float32), one guided sampling step run in several ways taking turns (in chunks of several
-sizes, channels-last, as a frozen TorchScript graph, and with --compile through
+sizes, channels-last, with the attention windows all at once instead of in groups, as a
+frozen TorchScript graph, and with --compile through
 torch.compile), ten inpaintings and ten SDEdits of a test digit, the cost of full attention,
 and seconds per epoch and per guided sampling step of each design-study configuration.
 """
@@ -168,7 +169,8 @@ def mnist(device, checkpoint, try_compile=False):
             mnist_ddpm.draw(model, diffusion, digits, w, 0, device)
         out[f"grid_seconds_{precision}"] = time.perf_counter() - start
     # one guided step of the grid (200 images), run in several ways, taking turns: chunks of 50
-    # (shipped), 100 and 200, channels-last memory, a frozen TorchScript graph, torch.compile
+    # (shipped), 100 and 200, channels-last memory, attention windows all at once instead of in
+    # groups of mnist_ddpm.ATTENTION_GROUP, a frozen TorchScript graph, torch.compile
     x = torch.randn(200, 1, 28, 28, generator=utils.make_generator(0), device=device)
     t = torch.full((200,), diffusion.T // 2, device=device)
     y = torch.cat([digits, torch.full((100,), utils.NULL_LABEL)]).to(device)
@@ -176,6 +178,11 @@ def mnist(device, checkpoint, try_compile=False):
     ways = {f"chunk_{c}": (functools.partial(model, chunk=c), x, t, y) for c in (shipped, 100, 200)}
     last = copy.deepcopy(model).to(memory_format=torch.channels_last)
     ways["channels_last"] = (last, x.contiguous(memory_format=torch.channels_last), t, y)
+    together = copy.deepcopy(model)  # attention over all the windows of a chunk at once, not in groups
+    for layer in together.modules():
+        if isinstance(layer, mnist_ddpm.SelfAttention):
+            layer.group = 10 ** 9
+    ways["windows_at_once"] = (together, x, t, y)
     if device.type == "cpu":
         start = time.perf_counter()
         ways["frozen_graph"] = (frozen_graph(model, shipped), x, t, y)
