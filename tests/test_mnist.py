@@ -103,7 +103,6 @@ def test_windows_taken_a_group_at_a_time_give_the_all_at_once_result():
     attn = M.SelfAttention(8, 4, window=7)
     x = torch.randn(3, 8, 28, 28)  # 3 images of 16 windows: groups of 5 leave a partial last group
     together = attn(x).detach()  # with gradients the windows go all at once
-    assert attn.group == M.ATTENTION_GROUP > 48  # the default takes all 48 at once here
     attn.group = 5
     with torch.no_grad():
         grouped = attn(x)
