@@ -407,12 +407,14 @@ def cmd_train(args, device):
 CLIP = (-1.0, 1.0)  # predicted clean images are clipped to the data range at each step
 
 
-def draw(model, diffusion, labels, w, seed, device, progress=False, sampler="ddpm", steps=None, eta=0.0):
-    """Samples for the given digits (n,) at guidance w: (n, 28, 28) float32 in [0, 1]. x_T and every z
-    come from one generator seeded with `seed`."""
+def draw(model, diffusion, labels, w, seed, device, progress=False, sampler="ddpm", steps=None, eta=0.0,
+         guided_steps=None):
+    """Samples for the given digits (n,) at guidance w (on the first guided_steps steps only, if given):
+    (n, 28, 28) float32 in [0, 1]. x_T and every z come from one generator seeded with `seed`."""
     gen = utils.make_generator(seed, device)
     x_T = torch.randn(len(labels), 1, 28, 28, generator=gen, device=device)
-    x_0 = utils.sample(diffusion, model, x_T, labels.to(device), w, gen, sampler, steps, eta, CLIP, progress)
+    x_0 = utils.sample(diffusion, model, x_T, labels.to(device), w, gen, sampler, steps, eta, CLIP, progress,
+                       guided_steps)
     return to_pixels(x_0)[:, 0].cpu()
 
 
@@ -422,10 +424,23 @@ def cmd_sample(args, device):
     utils.ensure_writable_dir(args.out)
     model, diffusion, _ = load_unet(args.checkpoint, args.T, device)
     utils.check_steps(args.steps, diffusion)
+    check_guided_steps(args.guided_steps, args.steps or diffusion.T)
     x = draw(model, diffusion, torch.full((args.n,), args.label), args.w, args.seed, device, not args.quiet,
-             args.sampler, args.steps, args.eta)
+             args.sampler, args.steps, args.eta, args.guided_steps)
     utils.save_npy(args.out, x.numpy().astype(np.float32))
     print(f"wrote {args.out}: {args.n} samples of digit {args.label} at w={args.w:g}")
+
+
+def check_guided_steps(guided_steps, steps):
+    """Refuse a --guided-steps larger than the number of sampling steps."""
+    if guided_steps is not None and guided_steps > steps:
+        raise utils.UserError(f"--guided-steps {guided_steps} is more than the {steps} sampling steps")
+
+
+def add_guided_steps_flag(parser):
+    parser.add_argument("--guided-steps", type=utils.positive_int, default=None, metavar="K",
+                        help="guide only the first K sampling steps, the noisiest, and draw the rest without "
+                             "guidance (one network pass instead of two); default: every step")
 
 
 MASKS = ("top", "bottom", "left", "right", "centre")
@@ -936,6 +951,7 @@ def cmd_evaluate(args, device):
         return
     model, diffusion, ckpt = load_unet(args.checkpoint, args.T, device)
     utils.check_steps(args.steps, diffusion)
+    check_guided_steps(args.guided_steps, args.steps or diffusion.T)
     clf, clf_ckpt = load_classifier(args.classifier, device)
     feats = lambda x: batched(clf.features, x.to(device)).cpu()
     predict = lambda f: batched(clf.head, f.to(device)).argmax(1).cpu()  # digits from features
@@ -955,6 +971,8 @@ def cmd_evaluate(args, device):
               "frechet_floor_train_vs_test": float(np.mean(floors)), "frechet_floor_draws": floors,
               "real_test_accuracy": real_accuracy,
               "real_diversity_per_digit": real_div, "by_w": []}
+    if args.guided_steps is not None:  # (absent: every step guided)
+        result["guided_steps"] = args.guided_steps
     steps = args.steps or diffusion.T
     # An earlier run into the same file with the same model (its training record), n, seed and
     # classifier and data (the floor fingerprints them) keeps its entries: only new
@@ -964,8 +982,8 @@ def cmd_evaluate(args, device):
         try:
             with open(args.out) as f:
                 earlier = json.load(f)
-            same = ("checkpoint", "T", "n_per_digit", "seed", "model", "frechet_floor_train_vs_test")
-            if isinstance(earlier, dict) and all(earlier.get(k) == result[k] for k in same):
+            same = ("checkpoint", "T", "n_per_digit", "seed", "model", "frechet_floor_train_vs_test", "guided_steps")
+            if isinstance(earlier, dict) and all(earlier.get(k) == result.get(k) for k in same):
                 kept = {entry_key(e, diffusion.T): e for e in earlier["by_w"]}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
@@ -982,7 +1000,8 @@ def cmd_evaluate(args, device):
             print(f"w={w:g}, {sampler} {steps} steps: kept from {args.out}")
         else:
             t0 = time.perf_counter()
-            x = draw(model, diffusion, labels, w, args.seed, device, not args.quiet, sampler, steps, args.eta)
+            x = draw(model, diffusion, labels, w, args.seed, device, not args.quiet, sampler, steps, args.eta,
+                     args.guided_steps)
             seconds = time.perf_counter() - t0
             f = feats(x)
             pred = predict(f)
@@ -1228,6 +1247,7 @@ def build_parser():
                    help=f"classifier-free guidance strength: 0 plain conditional, larger is more typical and less varied, -1 unconditional (default {DEFAULT_W})")
     q.add_argument("--out", required=True, help="output .npy file")
     utils.add_sampler_flags(q)
+    add_guided_steps_flag(q)
     common(q)
 
     q = sub.add_parser("grid", help="draw the 10 x 10 grid and the guidance comparison",
@@ -1305,6 +1325,7 @@ def build_parser():
     q.add_argument("--replot", action="store_true", help="only redraw the figure from the results already in --out")
     common(q)
     utils.add_sampler_flags(q)
+    add_guided_steps_flag(q)
     return p
 
 

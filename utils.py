@@ -210,18 +210,20 @@ class Diffusion:
         return mean + extract(self.posterior_variance, tt, x_t.shape).sqrt() * z, x0_hat
 
     def p_sample_loop_progressive(self, model, x_T, y=None, w=0.0, generator=None, progress=False, clip_x0=None,
-                                  start=None, desc="sampling"):
+                                  start=None, desc="sampling", guided_steps=None):
         """Run the reverse chain from x_T, yielding (x_{t-1}, x0_hat at step t) for t = T, ..., 1;
-        with start = s, the chain begins at paper step s (x_T is then x_s)."""
+        with start = s, the chain begins at paper step s (x_T is then x_s). With guided_steps = K,
+        only the K noisiest steps (t > T - K) are guided; the others use w = 0."""
         x = x_T
         for t in tqdm(range((self.T if start is None else start) - 1, -1, -1), desc=desc, unit="step", leave=False, disable=not progress):
-            x, x0_hat = self.p_sample(model, x, t, y, w, generator, clip_x0)
+            x, x0_hat = self.p_sample(model, x, t, y, guidance_at(w, t, self.T, guided_steps), generator, clip_x0)
             yield x, x0_hat
 
     @torch.no_grad()
-    def p_sample_loop(self, model, x_T, y=None, w=0.0, generator=None, progress=False, clip_x0=None):
+    def p_sample_loop(self, model, x_T, y=None, w=0.0, generator=None, progress=False, clip_x0=None, guided_steps=None):
         """Sample x_0 ~ p_theta by running every reverse step from the starting noise x_T."""
-        for x, _ in self.p_sample_loop_progressive(model, x_T, y, w, generator, progress, clip_x0):
+        for x, _ in self.p_sample_loop_progressive(model, x_T, y, w, generator, progress, clip_x0,
+                                                   guided_steps=guided_steps):
             pass
         return x
 
@@ -260,11 +262,12 @@ SAMPLERS = ("ddpm", "ddim")
 
 @torch.no_grad()
 def sample(diffusion, model, x_T, y=None, w=0.0, generator=None, sampler="ddpm", steps=None, eta=0.0,
-           clip_x0=None, progress=False):
+           clip_x0=None, progress=False, guided_steps=None):
     """Draw x_0 from x_T with `sampler` over `steps` evenly spaced steps (default: all T).
 
     'ddpm' with steps < T is strided DDPM on the respaced process; 'ddim' is the DDIM step
     with noise scale eta (0: deterministic). Both reuse the network trained on all T steps.
+    guided_steps = K guides only the first K of those steps, the noisiest (default: all).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -273,10 +276,10 @@ def sample(diffusion, model, x_T, y=None, w=0.0, generator=None, sampler="ddpm",
     kept = kept.to(x_T.device)
     on_kept = lambda x, t, y_: model(x, kept[t], y_)  # the network sees the original step index
     if sampler == "ddpm":
-        return short.p_sample_loop(on_kept, x_T, y, w, generator, progress, clip_x0)
+        return short.p_sample_loop(on_kept, x_T, y, w, generator, progress, clip_x0, guided_steps)
     x = x_T
     for t in tqdm(range(steps - 1, -1, -1), desc="sampling", unit="step", leave=False, disable=not progress):
-        x, _ = ddim_step(short, on_kept, x, t, y, w, eta, generator, clip_x0)
+        x, _ = ddim_step(short, on_kept, x, t, y, guidance_at(w, t, steps, guided_steps), eta, generator, clip_x0)
     return x
 
 
@@ -341,6 +344,12 @@ def sdedit(diffusion, model, x_0, t0, y=None, w=0.0, generator=None, clip_x0=Non
     for x, _ in diffusion.p_sample_loop_progressive(model, x, y, w, generator, progress, clip_x0, start=t0, desc="editing"):
         pass
     return x
+
+
+def guidance_at(w, t, steps, guided_steps):
+    """The guidance strength at step index t (steps - 1 first, 0 last) of a chain of `steps`
+    reverse steps when only its first guided_steps (None: all) are guided."""
+    return w if guided_steps is None or t >= steps - guided_steps else 0.0
 
 
 def guided_eps(model, x_t, t, y, w):

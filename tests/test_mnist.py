@@ -211,6 +211,13 @@ def test_grid_trajectory_animate_and_evaluate_write_their_files(root, tiny_ckpt,
     again = json.loads((tmp_path / "eval.json").read_text())
     assert [e["w"] for e in again["by_w"]] == [0.0, 1.0, 2.0]
     assert again["by_w"][1] == ev["by_w"][1]
+    # guidance on the first steps only is another setting of the whole file: nothing is kept
+    r = run(root, "evaluate", "--checkpoint", tiny_ckpt, "--classifier", tiny_clf, "--data", small_data, "--n", 4,
+            "--ws", 1, "--guided-steps", 3, "--out", tmp_path / "eval.json", "--quiet")
+    assert r.returncode == 0 and "will be replaced" in r.stdout, r.stderr
+    part = json.loads((tmp_path / "eval.json").read_text())
+    assert part["guided_steps"] == 3 and [e["w"] for e in part["by_w"]] == [1.0]
+    assert part["by_w"][0]["frechet_distance"] != ev["by_w"][1]["frechet_distance"]
 
 
 def test_misread_samples_keep_the_wrong_ones_in_order_and_their_pixels():
@@ -310,6 +317,8 @@ def test_bad_checkpoints_and_data(root, run_here, tiny_ckpt, small_data, tmp_pat
         (["sample", "--label", 1, "--checkpoint", truncated], "cannot be read"),
         (["sample", "--label", 1, "--checkpoint", two_pixel], "'twopixel' model"),
         (["sample", "--label", 1, "--checkpoint", tiny_ckpt, "--T", 200], "trained with T=10"),
+        (["sample", "--label", 1, "--checkpoint", tiny_ckpt, "--guided-steps", 11], "more than the 10 sampling steps"),
+        (["sample", "--label", 1, "--checkpoint", tiny_ckpt, "--steps", 5, "--guided-steps", 6], "more than the 5 sampling"),
     ]
     for args, needle in cases:
         status, _, err = run_here("mnist_ddpm.py", *args, "--out", out)

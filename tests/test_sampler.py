@@ -164,3 +164,30 @@ def test_ddim_with_eta_one_is_the_ddpm_step():
         ddpm, _ = d.p_sample(oracle, x_t, t, generator=utils.make_generator(3))
         ddim, _ = utils.ddim_step(d, oracle, x_t, t, eta=1.0, generator=utils.make_generator(3))
         assert torch.allclose(ddpm, ddim, atol=1e-4), t
+
+
+def test_guided_steps_guides_only_the_noisiest_steps():
+    # Record, for each network call, the step index it saw and whether the batch carried the
+    # unconditional half (a guided step is one call on twice the batch).
+    g = TwoPixelGMM()
+    d = utils.Diffusion(20)
+    oracle = g.oracle(d.alphas_cumprod)
+    calls = []
+
+    def model(x, t, y):
+        calls.append((int(t[0]), bool((y == utils.NULL_LABEL).any())))
+        return oracle(x, t, y)
+
+    x_T = torch.randn(50, 1, 2, generator=utils.make_generator(0))
+    y = torch.zeros(50, dtype=torch.int64)
+    for sampler, steps in (("ddpm", None), ("ddpm", 10), ("ddim", 10)):
+        calls.clear()
+        utils.sample(d, model, x_T, y, 2.0, utils.make_generator(1), sampler, steps, guided_steps=3)
+        kept = (steps or 20)
+        assert len(calls) == kept and [guided for _, guided in calls] == [True] * 3 + [False] * (kept - 3)
+        assert calls[0][0] == 19 and calls[-1][0] == 0  # noisiest step first, on the original step indices
+    full = utils.sample(d, oracle, x_T, y, 2.0, utils.make_generator(1))
+    assert torch.equal(utils.sample(d, oracle, x_T, y, 2.0, utils.make_generator(1), guided_steps=20), full)
+    unguided = utils.sample(d, oracle, x_T, y, 0.0, utils.make_generator(1))
+    part = utils.sample(d, oracle, x_T, y, 2.0, utils.make_generator(1), guided_steps=3)
+    assert not torch.equal(part, full) and not torch.equal(part, unguided)
