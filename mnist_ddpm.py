@@ -982,8 +982,7 @@ def cmd_evaluate(args, device):
         try:
             with open(args.out) as f:
                 earlier = json.load(f)
-            same = ("checkpoint", "T", "n_per_digit", "seed", "model", "frechet_floor_train_vs_test", "guided_steps")
-            if isinstance(earlier, dict) and all(earlier.get(k) == result.get(k) for k in same):
+            if same_evaluation(earlier, result):
                 kept = {entry_key(e, diffusion.T): e for e in earlier["by_w"]}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
@@ -1020,6 +1019,15 @@ def cmd_evaluate(args, device):
               f"(floor {result['frechet_floor_train_vs_test']:.2f}), diversity {entry['diversity_ratio']:.2f} of real, "
               f"{entry['sampling_seconds']:.0f} s", flush=True)
     print(f"wrote {' and '.join([args.out] + plot_evaluation(result, figure))}")
+
+
+def same_evaluation(earlier, result):
+    """Whether an earlier evaluation file was made with the same model (its training record), n, seed
+    and guided steps, and the same classifier and data, which the Frechet floor fingerprints. The
+    floor is compared to a millionth: its last digits change with the CPU's floating-point kernels."""
+    same = ("checkpoint", "T", "n_per_digit", "seed", "model", "guided_steps")
+    return (isinstance(earlier, dict) and all(earlier.get(k) == result.get(k) for k in same)
+            and math.isclose(earlier["frechet_floor_train_vs_test"], result["frechet_floor_train_vs_test"], rel_tol=1e-6))
 
 
 MISREAD_KEPT = 40  # the most misread samples an evaluation entry keeps the pixels of

@@ -220,6 +220,19 @@ def test_grid_trajectory_animate_and_evaluate_write_their_files(root, tiny_ckpt,
     assert part["by_w"][0]["frechet_distance"] != ev["by_w"][1]["frechet_distance"]
 
 
+def test_an_evaluation_file_is_kept_only_for_the_same_model_and_settings():
+    result = {"checkpoint": "c.pt", "T": 200, "n_per_digit": 100, "seed": 0, "model": {"seed": 0, "final_loss": 0.012},
+              "frechet_floor_train_vs_test": 24.341768029085863}
+    assert M.same_evaluation(dict(result), result)
+    # the floor's last digits as another CPU computes them (two evaluations of the shipped model)
+    assert M.same_evaluation({**result, "frechet_floor_train_vs_test": 24.34176716172332}, result)
+    assert not M.same_evaluation({**result, "frechet_floor_train_vs_test": 24.35}, result)  # other data
+    assert not M.same_evaluation({**result, "guided_steps": 40}, result)
+    assert not M.same_evaluation({**result, "seed": 1}, result)
+    assert not M.same_evaluation({**result, "model": {"seed": 0, "final_loss": 0.013}}, result)
+    assert not M.same_evaluation([result], result)
+
+
 def test_misread_samples_keep_the_wrong_ones_in_order_and_their_pixels():
     images = torch.rand(6, 28, 28)
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
