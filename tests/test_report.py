@@ -202,13 +202,14 @@ def test_the_design_table_reports_what_the_evaluations_measured(root):
 
 
 def test_the_guided_steps_table_reports_what_the_evaluations_measured(root):
-    # rows: steps guided at w = 0.3 -> evaluations (w = 0 and all 200 steps are the shipped model's own)
+    # each row: steps guided, w -> the evaluations (no step or all 200 guided: the shipped model's own)
     import json
     text = open(os.path.join(root, "REPORT.md"), encoding="utf-8").read()
     lines = text[text.index("| guided steps (t from 200 down to) |"):].splitlines()[2:]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[:next(
         i for i, line in enumerate(lines) if not line.startswith("|"))]]
-    assert [r[0] for r in rows] == ["none (w = 0)", "20 (181)", "40 (161)", "100 (101)", "all 200"]
+    assert [r[:2] for r in rows] == [["none", "0"], ["20 (181)", "0.3"], ["40 (161)", "0.3"], ["40 (161)", "0.6"],
+                                     ["100 (101)", "0.3"], ["100 (101)", "0.4"], ["all 200", "0.3"]]
 
     def cell(path, w, guided_steps):
         try:
@@ -217,12 +218,17 @@ def test_the_guided_steps_table_reports_what_the_evaluations_measured(root):
         except FileNotFoundError:
             return "not run"
         assert ev["n_per_digit"] == 100 and ev.get("guided_steps") == guided_steps
-        e = [e for e in ev["by_w"] if e["w"] == w and e["sampler"] == "ddpm" and e["steps"] == 200][-1]
+        found = [e for e in ev["by_w"] if e["w"] == w and e["sampler"] == "ddpm" and e["steps"] == 200]
+        if not found:
+            return "not run"
+        e = found[-1]
         return (f"{100 * e['accuracy']:.1f}% / {e['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f} / "
                 f"{100 * e['diversity_ratio']:.0f}%")
 
-    # (steps guided, w, the evaluations' --guided-steps: None for the shipped model's own, all or none guided)
-    for row, (guided, w, k) in zip(rows, [(0, 0.0, None), (20, 0.3, 20), (40, 0.3, 40), (100, 0.3, 100), (200, 0.3, None)]):
+    for row in rows:
+        guided = {"none": 0, "all 200": 200}[row[0]] if row[0] in ("none", "all 200") else int(row[0].split()[0])
+        w, k = float(row[1]), (None if guided in (0, 200) else guided)
         stem = "mnist_eval" if k is None else f"mnist_study/guided_first_{k}_steps_eval"
-        assert row[1] == f"{(200 + guided) / 400:.2f}", row  # one pass per step, two on a guided one
-        assert row[2:] == [cell(f"{stem}.json", w, k), cell(f"{stem}_seed1.json", w, k)], row
+        assert row[2] == f"{(200 + guided) / 400:.2f}", row  # one pass per step, two on a guided one
+        assert row[3:] == [cell(f"{stem}.json", w, k), cell(f"{stem}_seed1.json", w, k)], row
+        assert row[3] != "not run", row
