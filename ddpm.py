@@ -42,15 +42,17 @@ class StepAndClassEmbedding(nn.Module):
     """emb(t, y) = SiLU(Linear(Fourier((t + 1) / T)) + Linear(onehot(y))); a NULL_LABEL gives the zero one-hot.
 
     The step index t in [0, T-1] is mapped to the time s = (t + 1) / T in (0, 1], so the
-    embedding scale means the same thing whatever T is.
+    embedding scale means the same thing whatever T is. With layers > 1, each further layer
+    is emb <- SiLU(Linear(emb)), so that step and class can combine in more than one sum.
     """
 
-    def __init__(self, T, dim, num_classes, fourier_scale):
+    def __init__(self, T, dim, num_classes, fourier_scale, layers=1):
         super().__init__()
         self.T, self.num_classes = T, num_classes
         self.fourier = GaussianFourierProjection(dim, fourier_scale)
         self.time_proj = nn.Linear(dim, dim)
         self.class_proj = nn.Linear(num_classes, dim, bias=False)
+        self.hidden = nn.ModuleList([nn.Linear(dim, dim) for _ in range(layers - 1)])
 
     def forward(self, t, y):
         emb = self.time_proj(self.fourier((t.float() + 1) / self.T))
@@ -58,7 +60,10 @@ class StepAndClassEmbedding(nn.Module):
             onehot = nn.functional.one_hot(y.clamp(min=0), self.num_classes).float()
             onehot = onehot * (y != NULL_LABEL).float()[:, None]
             emb = emb + self.class_proj(onehot)
-        return nn.functional.silu(emb)
+        emb = nn.functional.silu(emb)
+        for layer in self.hidden:
+            emb = nn.functional.silu(layer(emb))
+        return emb
 
 
 @dataclass

@@ -91,6 +91,7 @@ class MnistUNetConfig:
     num_classes: int = 10
     channels: tuple = (16, 32, 64, 64)  # features of the four blocks, at 28, 14, 7 and 7 pixels
     embed_dim: int = 128
+    embed_layers: int = 1  # linear layers of the step-and-class embedding, each followed by SiLU
     fourier_scale: float = 4.0
     attn_window: int = 7  # attention inside non-overlapping windows of this size (the whole map if larger)
     groups: int = 8  # GroupNorm groups
@@ -214,7 +215,7 @@ class MnistUNet(nn.Module):
         super().__init__()
         self.config = cfg = config
         c1, c2, c3, c4 = cfg.channels
-        self.embed = StepAndClassEmbedding(cfg.T, cfg.embed_dim, cfg.num_classes, cfg.fourier_scale)
+        self.embed = StepAndClassEmbedding(cfg.T, cfg.embed_dim, cfg.num_classes, cfg.fourier_scale, cfg.embed_layers)
         self.conv_in = nn.Conv2d(1, c1, 3, padding=1)
         self.down = nn.ModuleList([Block(c1, c1, cfg), Block(c1, c2, cfg), Block(c2, c3, cfg), Block(c3, c4, cfg)])
         self.up = nn.ModuleList([Block(c4 + c4, c4, cfg), Block(c4 + c3, c3, cfg),
@@ -304,7 +305,8 @@ def training_snapshot(model, diffusion, seed, device):
 def train_config(args):
     """The network `train` builds from its flags."""
     return MnistUNetConfig(T=args.T, channels=tuple(args.channels), res_layers=args.res_layers,
-                           scale_shift=args.embedding == "scale-shift", prediction=args.prediction)
+                           scale_shift=args.embedding == "scale-shift", embed_layers=args.embedding_layers,
+                           prediction=args.prediction)
 
 
 def train_settings(args):
@@ -338,7 +340,7 @@ def cmd_train(args, device):
     history = {"epoch": [], "loss": [], "seconds": [], "snapshot_epochs": [], "snapshots": []}
     if args.resume:
         state = utils.load_checkpoint(resume_path, KIND + "-resume", f"{TRAIN_COMMAND} --out {out}")
-        saved = {"min_snr_mode": "weight", "prediction": "eps", **state["model_config"], **state["run"]}  # files from before the flags
+        saved = {"min_snr_mode": "weight", "prediction": "eps", "embed_layers": 1, **state["model_config"], **state["run"]}  # files from before the flags
         current = {**config_dict(config), **run}
         differ = [f"{k} {saved.get(k)} there, {current.get(k)} here" for k in sorted(saved.keys() | current.keys())
                   if saved.get(k) != current.get(k)]
@@ -1215,6 +1217,9 @@ def build_parser():
     q.add_argument("--embedding", choices=["bias", "scale-shift"], default="scale-shift",
                    help="how the step-and-class embedding enters each residual layer: an added bias, or a scale "
                         "and shift of the normalised features (default scale-shift)")
+    q.add_argument("--embedding-layers", type=utils.positive_int, default=1, metavar="N",
+                   help="linear layers, each followed by SiLU, that turn the step and the class into that embedding: "
+                        "1 adds a projection of each; every further layer mixes the two once more (default 1)")
     q.add_argument("--min-snr", type=min_snr_gamma, default=1.0, metavar="GAMMA",
                    help="weight each example's loss by min(SNR, GAMMA) / SNR, which lowers the weight of the "
                         "nearly clean steps (Min-SNR weighting; default 1; 'off' for the plain loss)")

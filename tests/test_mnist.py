@@ -13,6 +13,7 @@ import torch
 
 import mnist_ddpm as M
 import utils
+from ddpm import StepAndClassEmbedding
 
 TINY_MODEL = ["--T", "10", "--batch-size", "32", "--channels", "8", "8", "16", "16", "--quiet"]
 
@@ -129,7 +130,9 @@ def test_the_shipped_checkpoint_is_what_the_default_train_command_makes(root):
     for key, default in M.train_settings(args).items():
         assert recorded[key] == default, key
     assert recorded["epochs_done"] == args.epochs and recorded["images"] == 60000
-    assert ckpt["model_config"] == M.config_dict(M.train_config(args)) and ckpt["T"] == args.T
+    # a setting added after the checkpoint was written is absent from its record and takes the network's default
+    shipped = M.config_dict(M.build_unet(ckpt["model_config"]).config)
+    assert shipped == M.config_dict(M.train_config(args)) and ckpt["T"] == args.T
 
 
 def test_min_snr_flag_takes_a_positive_gamma_or_off(capsys):
@@ -359,6 +362,10 @@ def test_ctrl_c_keeps_finished_epochs_and_resume_ends_like_an_uninterrupted_run(
     assert torch.load(str(cut) + ".resume.pt", weights_only=True)["epoch"] == done and 1 <= done < 30
     r = run(root, "train", *settings, "--out", cut, "--resume", "--lr", "0.01")
     assert r.returncode == 2 and "lr 0.002 there, 0.01 here" in r.stderr  # refused, not mixed in, and named
+    resume = str(cut) + ".resume.pt"  # as written before --embedding-layers existed: one layer, not recorded
+    state = torch.load(resume, weights_only=True)
+    del state["model_config"]["embed_layers"]
+    torch.save(state, resume)
     r = run(root, "train", *settings, "--out", cut, "--resume")
     assert r.returncode == 0, r.stderr
     a, b = torch.load(full, weights_only=True), torch.load(cut, weights_only=True)
@@ -408,6 +415,21 @@ def test_scale_shift_with_a_silent_embedding_is_the_plain_layer():
     assert torch.allclose(modulated(x, emb), expected, atol=1e-5)
     net = M.MnistUNet(M.MnistUNetConfig(T=10, channels=(8, 8, 16, 16), res_layers=2, scale_shift=True))
     assert all(len(block.res) == 2 for block in [*net.down, *net.up])
+    assert net(torch.randn(2, 1, 28, 28), torch.tensor([0, 9]), torch.tensor([3, -1])).shape == (2, 1, 28, 28)
+
+
+def test_each_further_embedding_layer_is_a_linear_map_and_silu_after_the_sum_of_step_and_class():
+    torch.manual_seed(0)
+    one, two = StepAndClassEmbedding(10, 16, 10, 4.0), StepAndClassEmbedding(10, 16, 10, 4.0, layers=2)
+    # one layer keeps the parameters of the checkpoints from before the option
+    assert set(one.state_dict()) == {"fourier.W", "time_proj.weight", "time_proj.bias", "class_proj.weight"}
+    two.load_state_dict({**two.state_dict(), **one.state_dict()})
+    t, y = torch.tensor([0, 5, 9]), torch.tensor([3, -1, 7])
+    hidden = two.hidden[0]
+    assert torch.allclose(two(t, y), torch.nn.functional.silu(one(t, y) @ hidden.weight.T + hidden.bias), atol=1e-6)
+    cfg = M.MnistUNetConfig(T=10, channels=(8, 8, 16, 16), scale_shift=True, embed_layers=3)
+    net = M.build_unet(M.config_dict(cfg))
+    assert len(net.embed.hidden) == 2
     assert net(torch.randn(2, 1, 28, 28), torch.tensor([0, 9]), torch.tensor([3, -1])).shape == (2, 1, 28, 28)
 
 
