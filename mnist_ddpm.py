@@ -562,7 +562,7 @@ def cmd_prior(args, device):
         i, own_target, own = shown[(mask, "own")]
         _, other_target, moved = shown[(mask, "other")]
         removed = removed_region(mask)
-        panels = [(images[i, 0], f"test {i}"), (torch.where(removed, torch.full_like(images[i, 0], 0.5), images[i, 0]), f"{mask} removed")]
+        panels = [(images[i, 0], f"test #{i}: a {labels[i].item()}"), (torch.where(removed, torch.full_like(images[i, 0], 0.5), images[i, 0]), f"{mask} removed")]
         panels += [(own[c], f"as {own_target}") for c in range(min(n, 3))] + [(moved[c], f"as {other_target}") for c in range(min(n, 3))]
         for ax, (img, title) in zip(axes[r], panels):
             show_digit(ax, img)
@@ -595,7 +595,8 @@ def cmd_prior(args, device):
             if r == 0:
                 axes[r, c].set_title("original" if c == 0 else f"to {c - 1}", fontsize=8)
         axes[r, 0].set_ylabel(f"t0={t0}", fontsize=8)
-    fig.suptitle(f"SDEdit: test digit {i} noised to step t0 and denoised toward each digit (T={diffusion.T}, w={args.w:g})",
+    fig.suptitle(f"SDEdit: test digit #{i}, a {labels[i].item()}, noised to step t0 and denoised toward each digit "
+                 f"(T={diffusion.T}, w={args.w:g})",
                  fontsize=8.5)
     fig.tight_layout()
     utils.save_figure(fig, os.path.join(folder, "mnist_edit.png"))
@@ -1054,7 +1055,7 @@ def most_evaluated(settings, keys):
     return max(settings, key=lambda s: sum(k[1:3] == s for k in keys))
 
 
-def plot_misreads(result, out, per_row=16):
+def plot_misreads(result, out, per_row=10):
     """The samples read as another digit, one group of rows per w (of the most evaluated sampler
     setting), each titled 'asked → read'. Evaluations from before the misreads were kept draw nothing."""
     import matplotlib
@@ -1080,7 +1081,7 @@ def plot_misreads(result, out, per_row=16):
         for j, sample in enumerate(e["misread"]):
             ax = axes[row + j // per_row, 1 + j % per_row]
             ax.imshow(misread_image(sample), cmap="gray", vmin=0, vmax=1)
-            ax.set_title(f"{sample['asked']} → {sample['read']}", fontsize=7, pad=2)
+            ax.set_title(f"{sample['asked']} → {sample['read']}", fontsize=8, pad=2)
         row += r
     fig.suptitle(f"Samples read as another digit than asked (asked → read), {setting[0].upper()} {setting[1]} steps, "
                  f"seed {result['seed']}", fontsize=9)

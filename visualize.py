@@ -570,7 +570,7 @@ def task_classifier(args, device, T=50, n=2000, show=5.0):
         axes[3].plot(GUIDANCE_SCALES, [100 * np.mean(r["own_class_share"]) for r in rows], "-o", label=name)
         axes[4].plot(GUIDANCE_SCALES, [np.mean(r["std"]) for r in rows], "-o", label=name)
     axes[3].set_ylabel("samples nearest their own class mean (%)")
-    axes[4].set_ylabel("per-class standard deviation")
+    axes[4].set_ylabel("per-class standard deviation\n(mean of the two classes)")
     axes[4].axhline(gmm.std, color="k", ls=":", lw=1, label="ground truth (0.1)")
     for ax in axes[3:]:
         ax.set_xlabel("guidance scale s")
