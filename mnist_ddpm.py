@@ -254,10 +254,15 @@ class MnistUNet(nn.Module):
         return abar.sqrt() * out.float() + (1 - abar).sqrt() * x_t.float()
 
 
-def build_unet(config_dict):
-    cfg = dict(config_dict)
+def unet_config(recorded):
+    """The network config a checkpoint records; settings added after it was written take their defaults."""
+    cfg = dict(recorded)
     cfg["channels"] = tuple(cfg["channels"])
-    return MnistUNet(MnistUNetConfig(**cfg))
+    return MnistUNetConfig(**cfg)
+
+
+def build_unet(recorded):
+    return MnistUNet(unet_config(recorded))
 
 
 def config_dict(config):
@@ -340,7 +345,8 @@ def cmd_train(args, device):
     history = {"epoch": [], "loss": [], "seconds": [], "snapshot_epochs": [], "snapshots": []}
     if args.resume:
         state = utils.load_checkpoint(resume_path, KIND + "-resume", f"{TRAIN_COMMAND} --out {out}")
-        saved = {"min_snr_mode": "weight", "prediction": "eps", "embed_layers": 1, **state["model_config"], **state["run"]}  # files from before the flags
+        with utils.checkpoint_format(resume_path):  # settings the file predates take their defaults
+            saved = {"min_snr_mode": "weight", **config_dict(unet_config(state["model_config"])), **state["run"]}
         current = {**config_dict(config), **run}
         differ = [f"{k} {saved.get(k)} there, {current.get(k)} here" for k in sorted(saved.keys() | current.keys())
                   if saved.get(k) != current.get(k)]

@@ -131,7 +131,7 @@ def test_the_shipped_checkpoint_is_what_the_default_train_command_makes(root):
         assert recorded[key] == default, key
     assert recorded["epochs_done"] == args.epochs and recorded["images"] == 60000
     # a setting added after the checkpoint was written is absent from its record and takes the network's default
-    shipped = M.config_dict(M.build_unet(ckpt["model_config"]).config)
+    shipped = M.config_dict(M.unet_config(ckpt["model_config"]))
     assert shipped == M.config_dict(M.train_config(args)) and ckpt["T"] == args.T
 
 
