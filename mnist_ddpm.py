@@ -95,7 +95,8 @@ class MnistUNetConfig:
     fourier_scale: float = 4.0
     attn_window: int = 7  # attention inside non-overlapping windows of this size (the whole map if larger)
     groups: int = 8  # GroupNorm groups
-    res_layers: int = 1  # residual layers per block, before its attention
+    res_layers: int | tuple = 1  # residual layers per block, before its attention: one number for every
+    # block, or four for the blocks at 28, 14, 7 and 7 pixels (the up path mirrors the down path)
     scale_shift: bool = False  # the embedding scales and shifts the normalised features instead of adding a bias
     prediction: str = "eps"  # what the last convolution predicts: the noise, or v (turned into the noise on the way out)
 
@@ -176,12 +177,12 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """One UNet block: res_layers residual layers (with the embedding injected), then self-attention."""
+    """One UNet block: n_res residual layers (with the embedding injected), then self-attention."""
 
-    def __init__(self, c_in, c_out, cfg):
+    def __init__(self, c_in, c_out, cfg, n_res):
         super().__init__()
         self.res = nn.ModuleList([ResidualLayer(c_in if k == 0 else c_out, c_out, cfg.embed_dim, cfg.groups, cfg.scale_shift)
-                                  for k in range(cfg.res_layers)])
+                                  for k in range(n_res)])
         self.attn = SelfAttention(c_out, cfg.groups, cfg.attn_window)
 
     def forward(self, x, emb):
@@ -217,9 +218,10 @@ class MnistUNet(nn.Module):
         c1, c2, c3, c4 = cfg.channels
         self.embed = StepAndClassEmbedding(cfg.T, cfg.embed_dim, cfg.num_classes, cfg.fourier_scale, cfg.embed_layers)
         self.conv_in = nn.Conv2d(1, c1, 3, padding=1)
-        self.down = nn.ModuleList([Block(c1, c1, cfg), Block(c1, c2, cfg), Block(c2, c3, cfg), Block(c3, c4, cfg)])
-        self.up = nn.ModuleList([Block(c4 + c4, c4, cfg), Block(c4 + c3, c3, cfg),
-                                 Block(c3 + c2, c2, cfg), Block(c2 + c1, c1, cfg)])
+        n1, n2, n3, n4 = res_layers_per_level(cfg.res_layers)
+        self.down = nn.ModuleList([Block(c1, c1, cfg, n1), Block(c1, c2, cfg, n2), Block(c2, c3, cfg, n3), Block(c3, c4, cfg, n4)])
+        self.up = nn.ModuleList([Block(c4 + c4, c4, cfg, n4), Block(c4 + c3, c3, cfg, n3),
+                                 Block(c3 + c2, c2, cfg, n2), Block(c2 + c1, c1, cfg, n1)])
         self.norm_out = nn.GroupNorm(cfg.groups, c1)
         self.conv_out = nn.Conv2d(c1, 1, 3, padding=1)
         if cfg.prediction not in ("eps", "v"):
@@ -254,10 +256,21 @@ class MnistUNet(nn.Module):
         return abar.sqrt() * out.float() + (1 - abar).sqrt() * x_t.float()
 
 
+def res_layers_per_level(res_layers):
+    """Residual layers of the blocks at 28, 14, 7 and 7 pixels, from one number or four."""
+    if isinstance(res_layers, int):
+        return (res_layers,) * 4
+    if len(res_layers) != 4:
+        raise ValueError(f"res_layers takes one number or four, not {len(res_layers)}")
+    return tuple(res_layers)
+
+
 def unet_config(recorded):
     """The network config a checkpoint records; settings added after it was written take their defaults."""
     cfg = dict(recorded)
     cfg["channels"] = tuple(cfg["channels"])
+    if isinstance(cfg.get("res_layers"), list):
+        cfg["res_layers"] = tuple(cfg["res_layers"])
     return MnistUNetConfig(**cfg)
 
 
@@ -268,6 +281,8 @@ def build_unet(recorded):
 def config_dict(config):
     d = asdict(config)
     d["channels"] = list(d["channels"])
+    if isinstance(d["res_layers"], tuple):
+        d["res_layers"] = list(d["res_layers"])
     return d
 
 
@@ -309,7 +324,10 @@ def training_snapshot(model, diffusion, seed, device):
 
 def train_config(args):
     """The network `train` builds from its flags."""
-    return MnistUNetConfig(T=args.T, channels=tuple(args.channels), res_layers=args.res_layers,
+    if len(args.res_layers) not in (1, 4):
+        raise utils.UserError(f"--res-layers takes one number or four (for 28, 14, 7 and 7 pixels), not {len(args.res_layers)}")
+    res_layers = args.res_layers[0] if len(args.res_layers) == 1 else tuple(args.res_layers)
+    return MnistUNetConfig(T=args.T, channels=tuple(args.channels), res_layers=res_layers,
                            scale_shift=args.embedding == "scale-shift", embed_layers=args.embedding_layers,
                            prediction=args.prediction)
 
@@ -1220,7 +1238,9 @@ def build_parser():
     q.add_argument("--p-uncond", type=utils.fraction, default=0.05, help="probability of dropping the label, for classifier-free guidance (default 0.05)")
     q.add_argument("--ema", type=utils.fraction, default=0.999, help="EMA decay of the weights used for sampling (default 0.999)")
     utils.add_precision_flag(q, "training")
-    q.add_argument("--res-layers", type=utils.positive_int, default=1, help="residual layers in each block (default 1)")
+    q.add_argument("--res-layers", type=utils.positive_int, nargs="+", default=[1], metavar="N",
+                   help="residual layers in each block: one number for every block, or four for the blocks at 28, "
+                        "14, 7 and 7 pixels, mirrored on the up path (default 1)")
     q.add_argument("--embedding", choices=["bias", "scale-shift"], default="scale-shift",
                    help="how the step-and-class embedding enters each residual layer: an added bias, or a scale "
                         "and shift of the normalised features (default scale-shift)")

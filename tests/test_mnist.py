@@ -418,6 +418,18 @@ def test_scale_shift_with_a_silent_embedding_is_the_plain_layer():
     assert net(torch.randn(2, 1, 28, 28), torch.tensor([0, 9]), torch.tensor([3, -1])).shape == (2, 1, 28, 28)
 
 
+def test_residual_layers_per_level_mirror_on_the_up_path_and_survive_a_checkpoint(root, tmp_path):
+    cfg = M.MnistUNetConfig(T=10, channels=(8, 8, 16, 16), res_layers=(1, 1, 2, 3), scale_shift=True)
+    net = M.MnistUNet(cfg)
+    assert [len(b.res) for b in net.down] == [1, 1, 2, 3] and [len(b.res) for b in net.up] == [3, 2, 1, 1]
+    # the recorded config (lists, as JSON-like data) rebuilds the same network
+    assert M.unet_config(M.config_dict(cfg)) == cfg
+    assert M.MnistUNet(M.unet_config(M.config_dict(cfg))).load_state_dict(net.state_dict())
+    r = run(root, "train", "--res-layers", "1", "2", "--limit", "64", "--epochs", "1", "--out", tmp_path / "x.pt")
+    assert r.returncode == 2 and "--res-layers takes one number or four" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.pt").exists()
+
+
 def test_each_further_embedding_layer_is_a_linear_map_and_silu_after_the_sum_of_step_and_class():
     torch.manual_seed(0)
     one, two = StepAndClassEmbedding(10, 16, 10, 4.0), StepAndClassEmbedding(10, 16, 10, 4.0, layers=2)
