@@ -1193,6 +1193,92 @@ def plot_evaluation(result, out):
     return [out] + [p for p in [plot_misreads(result, misread_figure(out))] if p]
 
 
+# The design study of REPORT.md (Problem 5, continued), in the order the runs were made: the stem of
+# each run's evaluations in figures/mnist_study/ (<stem>_eval.json at seed 0, <stem>_eval_seed1.json
+# at seed 1, 100 samples per digit, DDPM with 200 steps) and a short name for the figure.
+DESIGN_RUNS = [
+    ("bias_22_epochs", "bias (first model), 22 epochs"),
+    ("scale_shift_24_epochs", "scale-shift, 24 epochs"),
+    ("min_snr_24_epochs", "+ Min-SNR 5, 24 epochs"),
+    ("min_snr_5_40_epochs", "+ Min-SNR 5, 40 epochs (shipped first)"),
+    ("min_snr_1_40_epochs", "Min-SNR 1"),
+    ("channels_8_32_96_96_32_epochs", "Min-SNR 5, channels 8/32/96/96, 32 ep."),
+    ("min_snr_1_sampled_40_epochs", "Min-SNR 1, steps drawn by weight"),
+    ("channels_16_48_96_96_min_snr_1_28_epochs", "Min-SNR 1, channels 16/48/96/96, 28 ep."),
+    ("v_min_snr_5_40_epochs", "Min-SNR 5, predicting v"),
+    ("min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs", "Min-SNR 1, lr 2e-3, 5% unlabelled (shipped)"),
+    ("two_residual_layers_min_snr_1_lr_2e-3_p_uncond_0.05_28_epochs", "shipped + 2 residual layers, 28 ep."),
+    ("min_snr_1_lr_4e-3_p_uncond_0.05_30_epochs", "shipped at lr 4e-3, 30 epochs"),
+    ("min_snr_1_lr_4e-3_p_uncond_0.05_40_epochs", "shipped at lr 4e-3"),
+    ("embedding_layers_2_min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs", "shipped + 2-layer embedding"),
+    ("embedding_layers_2_res_layers_1_1_2_2_36_epochs", "+ residual layers 1/1/2/2, 36 ep."),
+    ("batch_128_lr_3e-3_min_snr_1_p_uncond_0.05_40_epochs", "shipped, batch 128 at lr 3e-3"),
+    ("min_snr_1_lr_2e-3_p_uncond_0.02_40_epochs", "shipped, 2% unlabelled"),
+]
+SHIPPED_RUN = "min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs"
+W0_TARGET = 98.7  # % classified as asked without guidance (issue: the classifier's 99.7% less 1 point)
+
+
+def design_points(folder):
+    """For each design run and seed: (% classified as asked, Frechet / floor, samples, % of the real test
+    digits classified right) at w = 0, or None where that seed was not evaluated there. A run with no evaluation at all is a UserError."""
+    points = []
+    for stem, _ in DESIGN_RUNS:
+        row = []
+        for suffix in ("", "_seed1"):
+            path = os.path.join(folder, f"{stem}_eval{suffix}.json")
+            if not os.path.exists(path):
+                row.append(None)
+                continue
+            with open(path) as f:
+                result = json.load(f)
+            found = [e for e in result["by_w"] if e["w"] == 0 and e["sampler"] == "ddpm" and e["steps"] == result["T"]]
+            row.append((100 * found[-1]["accuracy"], found[-1]["frechet_distance"] / result["frechet_floor_train_vs_test"],
+                        result["n_per_digit"] * 10, 100 * result["real_test_accuracy"]) if found else None)
+        if row == [None, None]:
+            raise utils.UserError(f"{folder} holds no evaluation at w = 0 of the design run {stem} "
+                                  f"(python mnist_ddpm.py evaluate --ws 0 --out {folder}/{stem}_eval.json)")
+        points.append(row)
+    return points
+
+
+def cmd_study(args, device):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    utils.ensure_writable_dir(args.out)
+    points = design_points(args.study_dir)
+    rows = np.arange(len(DESIGN_RUNS))[::-1]  # the first run at the top
+    fig, (acc, dist) = plt.subplots(1, 2, figsize=(8.6, 0.27 * len(rows) + 1.3), sharey=True,
+                                    gridspec_kw={"width_ratios": [1.6, 1]})
+    for seed, (marker, offset) in enumerate((("o", 0.14), ("s", -0.14))):
+        have = [(r, p[seed]) for r, p in zip(rows, points) if p[seed] is not None]
+        y = np.array([r for r, _ in have]) + offset
+        a = np.array([p[0] for _, p in have])
+        se = 100 * np.sqrt(a / 100 * (1 - a / 100) / np.array([p[2] for _, p in have]))  # binomial standard error
+        acc.errorbar(a, y, xerr=se, fmt=marker, ms=4, lw=0.8, capsize=0, color=f"C{seed}", label=f"sampling seed {seed}")
+        dist.plot([p[1] for _, p in have], y, marker, ms=4, color=f"C{seed}")
+    for ax in (acc, dist):
+        ax.axhspan(rows[[s for s, _ in DESIGN_RUNS].index(SHIPPED_RUN)] - 0.45,
+                   rows[[s for s, _ in DESIGN_RUNS].index(SHIPPED_RUN)] + 0.45, color="0.88", zorder=0)
+        ax.grid(axis="x", color="0.9", lw=0.6)
+    acc.axvline(W0_TARGET, color="grey", ls=":", lw=1, label=f"target {W0_TARGET}%")
+    real = max(p[3] for row in points for p in row if p is not None)  # the same test digits for every run
+    acc.axvline(real, color="k", ls="--", lw=1, label=f"real test digits {real:.1f}%")
+    dist.axvline(1.0, color="k", ls="--", lw=1, label="floor (real train vs test)")
+    dist.axvline(1.15, color="grey", ls=":", lw=1, label="target 1.15")
+    acc.set_yticks(rows, [name for _, name in DESIGN_RUNS], fontsize=7.5)
+    acc.set_xlabel("classified as asked (%), with one standard error")
+    dist.set_xlabel("Frechet distance / floor")
+    acc.legend(fontsize=7, loc="lower left")
+    dist.legend(fontsize=7, loc="lower right")
+    fig.suptitle("MNIST design study: each run's samples without guidance (100 per digit, DDPM 200 steps; "
+                 "shaded: the shipped model)", fontsize=9)
+    fig.tight_layout()
+    utils.save_figure(fig, args.out)
+    print(f"wrote {args.out} ({len(DESIGN_RUNS)} runs from {args.study_dir})")
+
+
 # ----------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------
@@ -1348,6 +1434,17 @@ def build_parser():
     q.add_argument("--out", default=os.path.join("figures", "mnist_trajectory.png"), help="trajectory figure; the formation figure and JSON go beside it")
     common(q)
 
+    q = sub.add_parser("study", help="the design study's runs side by side, from their saved evaluations",
+                       description="figures/mnist_study.png: for every run of the design study (DESIGN_RUNS in this "
+                                   "file), the share of samples classified as asked and the Frechet distance over its "
+                                   "floor without guidance, at both sampling seeds, from the JSON files that evaluate "
+                                   "wrote into --study-dir; nothing is sampled here.")
+    q.add_argument("--study-dir", default=os.path.join("figures", "mnist_study"),
+                   help="folder of the runs' <stem>_eval.json and <stem>_eval_seed1.json (default figures/mnist_study)")
+    q.add_argument("--out", default=os.path.join("figures", "mnist_study.png"), help="the figure to write")
+    q.add_argument("--quiet", action="store_true", help="print only the file written, not the settings first")
+    q.set_defaults(device="cpu")
+
     q = sub.add_parser("evaluate", help="accuracy, Frechet distance and diversity of the samples",
                        description="For --n samples of each digit at each --ws: share classified as the requested digit, "
                                    "Frechet distance to real test digits in the classifier's feature space (beside the "
@@ -1395,7 +1492,7 @@ def main():
 
 COMMANDS = {"train": cmd_train, "classifier": cmd_classifier, "sample": cmd_sample, "grid": cmd_grid,
             "trajectory": cmd_trajectory, "evaluate": cmd_evaluate, "animate": cmd_animate, "progress": cmd_progress,
-            "inpaint": cmd_inpaint, "edit": cmd_edit, "prior": cmd_prior}
+            "inpaint": cmd_inpaint, "edit": cmd_edit, "prior": cmd_prior, "study": cmd_study}
 
 if __name__ == "__main__":
     utils.run_main(main)

@@ -37,6 +37,7 @@ FIGURES = [
     ("figures/mnist_grid.png figures/mnist_grid_w.png", ["mnist_ddpm.py", "grid"]),
     ("figures/mnist_trajectory.png figures/mnist_formation.png", ["mnist_ddpm.py", "trajectory"]),
     ("figures/mnist_training.png", ["mnist_ddpm.py", "progress"]),
+    ("figures/mnist_study.png", ["mnist_ddpm.py", "study"]),
     ("figures/mnist_forming.gif", ["mnist_ddpm.py", "animate"]),
     ("figures/mnist_inpaint.png figures/mnist_edit.png", ["mnist_ddpm.py", "prior"]),
     ("figures/mnist_eval.png figures/mnist_eval_misread.png", ["mnist_ddpm.py", "evaluate", "--replot"]),

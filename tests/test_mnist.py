@@ -583,6 +583,31 @@ def test_progress_figure_and_replot(root, tiny_ckpt, tmp_path):
     assert (tmp_path / "ev.png").exists()
 
 
+def test_study_figure_reads_each_run_at_w0(root, run_here, tmp_path):
+    study = os.path.join(root, "figures", "mnist_study")
+    points = M.design_points(study)
+    assert len(points) == len(M.DESIGN_RUNS)
+    # the shipped run's point is the shipped evaluation's entry at w = 0, seed by seed
+    shipped = points[[stem for stem, _ in M.DESIGN_RUNS].index(M.SHIPPED_RUN)]
+    for (accuracy, ratio, n, real), name in zip(shipped, ("mnist_eval.json", "mnist_eval_seed1.json")):
+        ev = json.load(open(os.path.join(root, "figures", name)))
+        e = next(e for e in ev["by_w"] if e["w"] == 0 and e["sampler"] == "ddpm" and e["steps"] == 200)
+        assert accuracy == pytest.approx(100 * e["accuracy"]) and n == 1000
+        assert ratio == pytest.approx(e["frechet_distance"] / ev["frechet_floor_train_vs_test"])
+        assert real == pytest.approx(100 * ev["real_test_accuracy"])
+    assert points[0][1] is None  # the first model was not evaluated at seed 1
+    r = run(root, "study", "--out", tmp_path / "study.png", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
+    # a folder lacking a run: one line naming it, no figure
+    for name in os.listdir(study):
+        if not name.startswith("bias_22_epochs"):
+            (tmp_path / name).write_bytes(open(os.path.join(study, name), "rb").read())
+    status, out, err = run_here("mnist_ddpm.py", "study", "--study-dir", tmp_path, "--out", tmp_path / "none.png")
+    assert status == 2 and "bias_22_epochs" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_inpaint_keeps_the_kept_pixels_and_edit_follows_t0(root, tiny_ckpt, small_data, tmp_path):
     out = tmp_path / "inp.npy"
     r = run(root, "inpaint", "--checkpoint", tiny_ckpt, "--data", small_data, "--index", 7, "--mask", "top",

@@ -178,6 +178,9 @@ def test_the_design_table_reports_what_the_evaluations_measured(root):
         cells = [c.strip() for c in line.strip("|").split("|")]
         rows[cells[0]] = cells
     assert set(rows) == set(DESIGN_RUNS)
+    # the figure of the study (mnist_ddpm.py study) shows the same runs in the table's order
+    import mnist_ddpm
+    assert [DESIGN_RUNS[name] for name in rows] == [stem for stem, _ in mnist_ddpm.DESIGN_RUNS]
 
     def load(path):
         with open(os.path.join(root, "figures", path)) as f:
