@@ -1201,17 +1201,17 @@ DESIGN_RUNS = [
     ("scale_shift_24_epochs", "scale-shift, 24 epochs"),
     ("min_snr_24_epochs", "+ Min-SNR 5, 24 epochs"),
     ("min_snr_5_40_epochs", "+ Min-SNR 5, 40 epochs (shipped first)"),
-    ("min_snr_1_40_epochs", "Min-SNR 1"),
-    ("channels_8_32_96_96_32_epochs", "Min-SNR 5, channels 8/32/96/96, 32 ep."),
+    ("min_snr_1_40_epochs", "scale-shift + Min-SNR 1, 40 epochs"),
+    ("channels_8_32_96_96_32_epochs", "Min-SNR 5, channels 8/32/96/96, 32 epochs"),
     ("min_snr_1_sampled_40_epochs", "Min-SNR 1, steps drawn by weight"),
-    ("channels_16_48_96_96_min_snr_1_28_epochs", "Min-SNR 1, channels 16/48/96/96, 28 ep."),
+    ("channels_16_48_96_96_min_snr_1_28_epochs", "Min-SNR 1, channels 16/48/96/96, 28 epochs"),
     ("v_min_snr_5_40_epochs", "Min-SNR 5, predicting v"),
     ("min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs", "Min-SNR 1, lr 2e-3, 5% unlabelled (shipped)"),
-    ("two_residual_layers_min_snr_1_lr_2e-3_p_uncond_0.05_28_epochs", "shipped + 2 residual layers, 28 ep."),
+    ("two_residual_layers_min_snr_1_lr_2e-3_p_uncond_0.05_28_epochs", "shipped + 2 residual layers, 28 epochs"),
     ("min_snr_1_lr_4e-3_p_uncond_0.05_30_epochs", "shipped at lr 4e-3, 30 epochs"),
     ("min_snr_1_lr_4e-3_p_uncond_0.05_40_epochs", "shipped at lr 4e-3"),
     ("embedding_layers_2_min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs", "shipped + 2-layer embedding"),
-    ("embedding_layers_2_res_layers_1_1_2_2_36_epochs", "+ residual layers 1/1/2/2, 36 ep."),
+    ("embedding_layers_2_res_layers_1_1_2_2_36_epochs", "2-layer embedding, res. layers 1/1/2/2, 36 epochs"),
     ("batch_128_lr_3e-3_min_snr_1_p_uncond_0.05_40_epochs", "shipped, batch 128 at lr 3e-3"),
     ("min_snr_1_lr_2e-3_p_uncond_0.02_40_epochs", "shipped, 2% unlabelled"),
 ]
@@ -1222,6 +1222,8 @@ W0_TARGET = 98.7  # % classified as asked without guidance (issue: the classifie
 def design_points(folder):
     """For each design run and seed: (% classified as asked, Frechet / floor, samples, % of the real test
     digits classified right) at w = 0, or None where that seed was not evaluated there. A run with no evaluation at all is a UserError."""
+    if not os.path.isdir(folder):
+        raise utils.UserError(f"study folder {folder} not found")
     points = []
     for stem, _ in DESIGN_RUNS:
         row = []
@@ -1230,14 +1232,18 @@ def design_points(folder):
             if not os.path.exists(path):
                 row.append(None)
                 continue
-            with open(path) as f:
-                result = json.load(f)
-            found = [e for e in result["by_w"] if e["w"] == 0 and e["sampler"] == "ddpm" and e["steps"] == result["T"]]
-            row.append((100 * found[-1]["accuracy"], found[-1]["frechet_distance"] / result["frechet_floor_train_vs_test"],
-                        result["n_per_digit"] * 10, 100 * result["real_test_accuracy"]) if found else None)
+            try:
+                with open(path) as f:
+                    result = json.load(f)
+                found = [e for e in result["by_w"] if e["w"] == 0 and e["sampler"] == "ddpm" and e["steps"] == result["T"]]
+                row.append((100 * found[-1]["accuracy"], found[-1]["frechet_distance"] / result["frechet_floor_train_vs_test"],
+                            result["n_per_digit"] * 10, 100 * result["real_test_accuracy"]) if found else None)
+            except (OSError, ValueError, KeyError, TypeError, IndexError):
+                raise utils.UserError(f"{path} is not an evaluation written by `python mnist_ddpm.py evaluate`") from None
         if row == [None, None]:
-            raise utils.UserError(f"{folder} holds no evaluation at w = 0 of the design run {stem} "
-                                  f"(python mnist_ddpm.py evaluate --ws 0 --out {folder}/{stem}_eval.json)")
+            raise utils.UserError(f"{folder} holds no evaluation at w = 0 of the design run {stem}: expected "
+                                  f"{stem}_eval.json (and {stem}_eval_seed1.json), written by `python mnist_ddpm.py "
+                                  f"evaluate --checkpoint <that run's checkpoint> --ws 0 [--seed 1] --out <file>`")
         points.append(row)
     return points
 
@@ -1258,13 +1264,15 @@ def cmd_study(args, device):
         se = 100 * np.sqrt(a / 100 * (1 - a / 100) / np.array([p[2] for _, p in have]))  # binomial standard error
         acc.errorbar(a, y, xerr=se, fmt=marker, ms=4, lw=0.8, capsize=0, color=f"C{seed}", label=f"sampling seed {seed}")
         dist.plot([p[1] for _, p in have], y, marker, ms=4, color=f"C{seed}")
+    shipped = rows[[stem for stem, _ in DESIGN_RUNS].index(SHIPPED_RUN)]
     for ax in (acc, dist):
-        ax.axhspan(rows[[s for s, _ in DESIGN_RUNS].index(SHIPPED_RUN)] - 0.45,
-                   rows[[s for s, _ in DESIGN_RUNS].index(SHIPPED_RUN)] + 0.45, color="0.88", zorder=0)
+        ax.axhspan(shipped - 0.45, shipped + 0.45, color="0.88", zorder=0)
         ax.grid(axis="x", color="0.9", lw=0.6)
     acc.axvline(W0_TARGET, color="grey", ls=":", lw=1, label=f"target {W0_TARGET}%")
-    real = max(p[3] for row in points for p in row if p is not None)  # the same test digits for every run
-    acc.axvline(real, color="k", ls="--", lw=1, label=f"real test digits {real:.1f}%")
+    real = {round(p[3], 1) for row in points for p in row if p is not None}
+    if len(real) == 1:  # every evaluation compared with the same real test digits
+        real = real.pop()
+        acc.axvline(real, color="k", ls="--", lw=1, label=f"real test digits {real:.1f}%")
     dist.axvline(1.0, color="k", ls="--", lw=1, label="floor (real train vs test)")
     dist.axvline(1.15, color="grey", ls=":", lw=1, label="target 1.15")
     acc.set_yticks(rows, [name for _, name in DESIGN_RUNS], fontsize=7.5)

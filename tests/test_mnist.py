@@ -606,6 +606,11 @@ def test_study_figure_reads_each_run_at_w0(root, run_here, tmp_path):
     status, out, err = run_here("mnist_ddpm.py", "study", "--study-dir", tmp_path, "--out", tmp_path / "none.png")
     assert status == 2 and "bias_22_epochs" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "none.png").exists()
+    (tmp_path / "bias_22_epochs_eval.json").write_text('{"by_w": [')  # cut short
+    status, out, err = run_here("mnist_ddpm.py", "study", "--study-dir", tmp_path, "--out", tmp_path / "none.png")
+    assert status == 2 and "bias_22_epochs_eval.json is not an evaluation" in err and len(err.strip().splitlines()) == 1
+    status, out, err = run_here("mnist_ddpm.py", "study", "--study-dir", tmp_path / "nowhere", "--out", tmp_path / "none.png")
+    assert status == 2 and "not found" in err and len(err.strip().splitlines()) == 1
 
 
 def test_inpaint_keeps_the_kept_pixels_and_edit_follows_t0(root, tiny_ckpt, small_data, tmp_path):
