@@ -1221,7 +1221,8 @@ W0_TARGET = 98.7  # % classified as asked without guidance (issue: the classifie
 
 def design_points(folder):
     """For each design run and seed: (% classified as asked, Frechet / floor, samples, % of the real test
-    digits classified right) at w = 0, or None where that seed was not evaluated there. A run with no evaluation at all is a UserError."""
+    digits classified right) with full DDPM at w = 0, or None where that seed was not evaluated there.
+    A run with no evaluation at all is a UserError."""
     if not os.path.isdir(folder):
         raise utils.UserError(f"study folder {folder} not found")
     points = []
@@ -1235,7 +1236,7 @@ def design_points(folder):
             try:
                 with open(path) as f:
                     result = json.load(f)
-                found = [e for e in result["by_w"] if e["w"] == 0 and e["sampler"] == "ddpm" and e["steps"] == result["T"]]
+                found = [e for e in result["by_w"] if entry_key(e, result["T"])[:3] == (0.0, "ddpm", result["T"])]
                 row.append((100 * found[-1]["accuracy"], found[-1]["frechet_distance"] / result["frechet_floor_train_vs_test"],
                             result["n_per_digit"] * 10, 100 * result["real_test_accuracy"]) if found else None)
             except (OSError, ValueError, KeyError, TypeError, IndexError):
