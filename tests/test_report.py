@@ -165,6 +165,8 @@ DESIGN_RUNS = {  # the design table's rows (by configuration) and the evaluation
         "embedding_layers_2_res_layers_1_1_2_2_36_epochs",
     "scale-shift + Min-SNR 1, lr 3e-3, p_uncond 0.05, batch 128": "batch_128_lr_3e-3_min_snr_1_p_uncond_0.05_40_epochs",
     "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.02": "min_snr_1_lr_2e-3_p_uncond_0.02_40_epochs",
+    "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, training seed 1":
+        "min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs_seed_1",
 }
 
 
