@@ -105,6 +105,24 @@ def test_the_write_up_has_no_unfilled_numbers(root):
         assert "{{" not in text and "}}" not in text, name
 
 
+def test_every_shipped_file_the_write_up_names_exists(root):
+    # a path under figures/ or data/ (lower case: a placeholder such as K is not a file), with {a,b} expanded as a shell would
+    import itertools
+    import re
+
+    def expand(path):
+        parts = re.split(r"\{([^{}]*)\}", path)
+        choices = [[p] if i % 2 == 0 else p.split(",") for i, p in enumerate(parts)]
+        return ["".join(c) for c in itertools.product(*choices)]
+
+    for name in ("README.md", "REPORT.md"):
+        text = open(os.path.join(root, name), encoding="utf-8").read()
+        named = re.findall(r"(?<![\w/.-])((?:figures|data)/[a-z0-9_./{},-]+\.(?:json|png|pdf|gif|npz))", text)
+        assert len(named) > 5, name  # the pattern finds paths at all
+        missing = sorted({p for path in named for p in expand(path) if not os.path.exists(os.path.join(root, p))})
+        assert not missing, (name, missing)
+
+
 def test_table_columns_share_the_width_but_none_falls_below_its_longest_word():
     assert report.fit_widths([1, 3], [0, 0], 100) == [25, 75]  # in proportion when nothing binds
     widths = report.fit_widths([30, 5, 5], [10, 20, 4], 100)  # the second would get 12.5 < 20
