@@ -117,7 +117,7 @@ def test_every_shipped_file_the_write_up_names_exists(root):
 
     for name in ("README.md", "REPORT.md"):
         text = open(os.path.join(root, name), encoding="utf-8").read()
-        named = re.findall(r"(?<![\w/.-])((?:figures|data)/[a-z0-9_./{},-]+\.(?:json|png|pdf|gif|npz))", text)
+        named = re.findall(r"(?<![\w/.-])((?:figures|data)/[a-z0-9_./{},-]+\.(?:json|png|pdf|gif|npz))(?![\w.-])", text)
         assert len(named) > 5, name  # the pattern finds paths at all
         missing = sorted({p for path in named for p in expand(path) if not os.path.exists(os.path.join(root, p))})
         assert not missing, (name, missing)
