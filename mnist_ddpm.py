@@ -1215,6 +1215,7 @@ DESIGN_RUNS = [
     ("batch_128_lr_3e-3_min_snr_1_p_uncond_0.05_40_epochs", "shipped, batch 128 at lr 3e-3"),
     ("min_snr_1_lr_2e-3_p_uncond_0.02_40_epochs", "shipped, 2% unlabelled"),
     ("min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs_seed_1", "shipped recipe, training seed 1"),
+    ("min_snr_0.5_lr_2e-3_p_uncond_0.05_40_epochs", "shipped recipe at Min-SNR 0.5"),
 ]
 SHIPPED_RUN = "min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs"
 W0_TARGET = 98.7  # % classified as asked without guidance (issue: the classifier's 99.7% less 1 point)
@@ -1257,7 +1258,8 @@ def cmd_study(args, device):
     utils.ensure_writable_dir(args.out)
     points = design_points(args.study_dir)
     rows = np.arange(len(DESIGN_RUNS))[::-1]  # the first run at the top
-    fig, (acc, dist) = plt.subplots(1, 2, figsize=(8.6, 0.27 * len(rows) + 1.3), sharey=True,
+    legend_rows = 3  # empty rows below the last run, where the legends go, so that they cover no point
+    fig, (acc, dist) = plt.subplots(1, 2, figsize=(8.6, 0.27 * (len(rows) + legend_rows) + 1.3), sharey=True,
                                     gridspec_kw={"width_ratios": [1.6, 1]})
     for seed, (marker, offset) in enumerate((("o", 0.14), ("s", -0.14))):
         have = [(r, p[seed]) for r, p in zip(rows, points) if p[seed] is not None]
@@ -1278,6 +1280,7 @@ def cmd_study(args, device):
     dist.axvline(1.0, color="k", ls="--", lw=1, label="floor (real train vs test)")
     dist.axvline(1.15, color="grey", ls=":", lw=1, label="target 1.15")
     acc.set_yticks(rows, [name for _, name in DESIGN_RUNS], fontsize=7.5)
+    acc.set_ylim(-0.6 - legend_rows, len(rows) - 0.4)
     acc.set_xlabel("classified as asked (%), with one standard error")
     dist.set_xlabel("Frechet distance / floor")
     acc.legend(fontsize=7, loc="lower left")
