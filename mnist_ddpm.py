@@ -1216,6 +1216,7 @@ DESIGN_RUNS = [
     ("min_snr_1_lr_2e-3_p_uncond_0.02_40_epochs", "shipped, 2% unlabelled"),
     ("min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs_seed_1", "shipped recipe, training seed 1"),
     ("min_snr_0.5_lr_2e-3_p_uncond_0.05_40_epochs", "shipped recipe at Min-SNR 0.5"),
+    ("min_snr_1_lr_2e-3_p_uncond_0.05_80_epochs", "shipped recipe, 80 epochs"),
 ]
 SHIPPED_RUN = "min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs"
 W0_TARGET = 98.7  # % classified as asked without guidance (issue: the classifier's 99.7% less 1 point)

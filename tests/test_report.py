@@ -186,6 +186,7 @@ DESIGN_RUNS = {  # the design table's rows (by configuration) and the evaluation
     "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, training seed 1":
         "min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs_seed_1",
     "scale-shift + Min-SNR 0.5, lr 2e-3, p_uncond 0.05": "min_snr_0.5_lr_2e-3_p_uncond_0.05_40_epochs",
+    "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, 80 epochs": "min_snr_1_lr_2e-3_p_uncond_0.05_80_epochs",
 }
 
 
