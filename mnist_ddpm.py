@@ -20,6 +20,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -1222,10 +1223,27 @@ SHIPPED_RUN = "min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs"
 W0_TARGET = 98.7  # % classified as asked without guidance (issue: the classifier's 99.7% less 1 point)
 
 
+class DesignPoint(NamedTuple):
+    """One design run at one seed, full DDPM at w = 0."""
+    accuracy: float  # % classified as asked
+    frechet_ratio: float  # Frechet distance / its floor (real train vs real test digits)
+    samples: int
+    real_accuracy: float  # % of the real test digits classified right
+    misread: Optional[frozenset]  # indices of the samples read as another digit; None if not all were kept
+
+
+def misread_indices(result, entry):
+    """The indices of every sample an evaluation entry read as another digit, or None where the entry did
+    not keep them all (evaluations from before misreads were kept, or more than MISREAD_KEPT of them)."""
+    wrong = round(10 * result["n_per_digit"] * (1 - entry["accuracy"]))
+    if "misread" not in entry or len(entry["misread"]) != wrong:
+        return None
+    return frozenset(m["index"] for m in entry["misread"])
+
+
 def design_points(folder):
-    """For each design run and seed: (% classified as asked, Frechet / floor, samples, % of the real test
-    digits classified right) with full DDPM at w = 0, or None where that seed was not evaluated there.
-    A run with no evaluation at all is a UserError."""
+    """For each design run and seed: its DesignPoint, or None where that seed was not evaluated at w = 0
+    with full DDPM. A run with no evaluation at all is a UserError."""
     if not os.path.isdir(folder):
         raise utils.UserError(f"study folder {folder} not found")
     points = []
@@ -1240,8 +1258,10 @@ def design_points(folder):
                 with open(path) as f:
                     result = json.load(f)
                 found = [e for e in result["by_w"] if entry_key(e, result["T"])[:3] == (0.0, "ddpm", result["T"])]
-                row.append((100 * found[-1]["accuracy"], found[-1]["frechet_distance"] / result["frechet_floor_train_vs_test"],
-                            result["n_per_digit"] * 10, 100 * result["real_test_accuracy"]) if found else None)
+                row.append(DesignPoint(100 * found[-1]["accuracy"],
+                                       found[-1]["frechet_distance"] / result["frechet_floor_train_vs_test"],
+                                       result["n_per_digit"] * 10, 100 * result["real_test_accuracy"],
+                                       misread_indices(result, found[-1])) if found else None)
             except (OSError, ValueError, KeyError, TypeError, IndexError):
                 raise utils.UserError(f"{path} is not an evaluation written by `python mnist_ddpm.py evaluate`") from None
         if row == [None, None]:
@@ -1252,29 +1272,58 @@ def design_points(folder):
     return points
 
 
+def shared_misreads(points, reference=SHIPPED_RUN):
+    """For each design run and seed (from design_points): (misreads, how many of them the reference run also
+    misreads, how many the two would share by chance), or None where either run's misreads were not all kept.
+    At one seed every evaluation draws sample i, of digit i // n_per_digit, from the same starting noise and
+    the same noise at each step, so a shared index is a sample both networks got wrong from the same noise.
+    By chance: were each run's misreads of a digit a random subset of that digit's n samples, the two would
+    share sum over digits of a_d b_d / n."""
+    ref = points[[stem for stem, _ in DESIGN_RUNS].index(reference)]
+    shared = []
+    for row in points:
+        cells = []
+        for p, r in zip(row, ref):
+            if p is None or r is None or p.misread is None or r.misread is None or p.samples != r.samples:
+                cells.append(None)
+                continue
+            n = p.samples // 10
+            per_digit = [[sum(i // n == d for i in s) for d in range(10)] for s in (p.misread, r.misread)]
+            cells.append((len(p.misread), len(p.misread & r.misread), sum(a * b for a, b in zip(*per_digit)) / n))
+        shared.append(cells)
+    return shared
+
+
 def cmd_study(args, device):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     utils.ensure_writable_dir(args.out)
     points = design_points(args.study_dir)
+    shared = shared_misreads(points)
     rows = np.arange(len(DESIGN_RUNS))[::-1]  # the first run at the top
     legend_rows = 3  # empty rows below the last run, where the legends go, so that they cover no point
-    fig, (acc, dist) = plt.subplots(1, 2, figsize=(8.6, 0.27 * (len(rows) + legend_rows) + 1.3), sharey=True,
-                                    gridspec_kw={"width_ratios": [1.6, 1]})
+    fig, (acc, dist, wrong) = plt.subplots(1, 3, figsize=(10.4, 0.27 * (len(rows) + legend_rows) + 1.3), sharey=True,
+                                           gridspec_kw={"width_ratios": [1.6, 1, 0.9]})
+    shipped_index = [stem for stem, _ in DESIGN_RUNS].index(SHIPPED_RUN)
     for seed, (marker, offset) in enumerate((("o", 0.14), ("s", -0.14))):
         have = [(r, p[seed]) for r, p in zip(rows, points) if p[seed] is not None]
         y = np.array([r for r, _ in have]) + offset
-        a = np.array([p[0] for _, p in have])
-        se = 100 * np.sqrt(a / 100 * (1 - a / 100) / np.array([p[2] for _, p in have]))  # binomial standard error
+        a = np.array([p.accuracy for _, p in have])
+        se = 100 * np.sqrt(a / 100 * (1 - a / 100) / np.array([p.samples for _, p in have]))  # binomial standard error
         acc.errorbar(a, y, xerr=se, fmt=marker, ms=4, lw=0.8, capsize=0, color=f"C{seed}", label=f"sampling seed {seed}")
-        dist.plot([p[1] for _, p in have], y, marker, ms=4, color=f"C{seed}")
-    shipped = rows[[stem for stem, _ in DESIGN_RUNS].index(SHIPPED_RUN)]
-    for ax in (acc, dist):
+        dist.plot([p.frechet_ratio for _, p in have], y, marker, ms=4, color=f"C{seed}")
+        counted = [(r, c[seed]) for r, c in zip(rows, shared) if c[seed] is not None]
+        y = np.array([r for r, _ in counted]) + offset
+        wrong.barh(y, [c[0] for _, c in counted], height=0.26, color=f"C{seed}", alpha=0.35, lw=0)
+        also = [(r, c) for r, c in counted if r != rows[shipped_index]]
+        wrong.barh(np.array([r for r, _ in also]) + offset, [c[1] for _, c in also], height=0.26, color=f"C{seed}", lw=0)
+    shipped = rows[shipped_index]
+    for ax in (acc, dist, wrong):
         ax.axhspan(shipped - 0.45, shipped + 0.45, color="0.88", zorder=0)
         ax.grid(axis="x", color="0.9", lw=0.6)
     acc.axvline(W0_TARGET, color="grey", ls=":", lw=1, label=f"target {W0_TARGET}%")
-    real = {round(p[3], 1) for row in points for p in row if p is not None}
+    real = {round(p.real_accuracy, 1) for row in points for p in row if p is not None}
     if len(real) == 1:  # every evaluation compared with the same real test digits
         real = real.pop()
         acc.axvline(real, color="k", ls="--", lw=1, label=f"real test digits {real:.1f}%")
@@ -1284,13 +1333,28 @@ def cmd_study(args, device):
     acc.set_ylim(-0.6 - legend_rows, len(rows) - 0.4)
     acc.set_xlabel("classified as asked (%), with one standard error")
     dist.set_xlabel("Frechet distance / floor")
+    wrong.set_xlabel("samples misread, of 1,000\n(dark: also by the shipped model)")
+    unkept = [r for r, row in zip(rows, shared) if row == [None, None]]
+    if unkept:  # evaluations from before the misread samples were kept
+        wrong.text(0.5, np.mean(unkept), "misread samples\nnot kept", transform=wrong.get_yaxis_transform(), ha="center",
+                   va="center", fontsize=7.5, color="0.4")
     acc.legend(fontsize=7, loc="lower left")
     dist.legend(fontsize=7, loc="lower right")
     fig.suptitle("MNIST design study: each run's samples without guidance (100 per digit, DDPM 200 steps; "
                  "shaded: the shipped model)", fontsize=9)
     fig.tight_layout()
     utils.save_figure(fig, args.out)
-    print(f"wrote {args.out} ({len(DESIGN_RUNS)} runs from {args.study_dir})")
+    numbers = os.path.splitext(args.out)[0] + ".json"
+    utils.save_json(numbers, {
+        "reference": SHIPPED_RUN,
+        "runs": [{"stem": stem, "name": name, "seeds": [
+            None if p is None else {"seed": seed, "samples": p.samples, "accuracy_percent": p.accuracy,
+                                    "frechet_over_floor": p.frechet_ratio,
+                                    **({} if c is None else {"misread": c[0], "also_misread_by_reference": c[1],
+                                                             "expected_shared_by_chance": c[2]})}
+            for seed, (p, c) in enumerate(zip(row, shared_row))]}
+            for (stem, name), row, shared_row in zip(DESIGN_RUNS, points, shared)]})
+    print(f"wrote {args.out} and {numbers} ({len(DESIGN_RUNS)} runs from {args.study_dir})")
 
 
 # ----------------------------------------------------------------------------------
@@ -1451,12 +1515,14 @@ def build_parser():
     q = sub.add_parser("study", help="the design study's runs side by side, from their saved evaluations",
                        description="figures/mnist_study.png: for every run of the design study (DESIGN_RUNS in this "
                                    "file), the share of samples classified as asked and the Frechet distance over its "
-                                   "floor without guidance, at both sampling seeds, from the JSON files that evaluate "
-                                   "wrote into --study-dir; nothing is sampled here.")
+                                   "floor without guidance, at both sampling seeds, and how many of its misread "
+                                   "samples the shipped model misreads too (from the same noise), from the JSON files "
+                                   "that evaluate wrote into --study-dir; the counts go to a JSON file beside the "
+                                   "figure. Nothing is sampled here.")
     q.add_argument("--study-dir", default=os.path.join("figures", "mnist_study"),
                    help="folder of the runs' <stem>_eval.json and <stem>_eval_seed1.json (default figures/mnist_study)")
-    q.add_argument("--out", default=os.path.join("figures", "mnist_study.png"), help="the figure to write")
-    q.add_argument("--quiet", action="store_true", help="print only the file written, not the settings first")
+    q.add_argument("--out", default=os.path.join("figures", "mnist_study.png"), help="the figure to write (PNG; the counts go beside it as .json)")
+    q.add_argument("--quiet", action="store_true", help="print only the files written, not the settings first")
     q.set_defaults(device="cpu")
 
     q = sub.add_parser("evaluate", help="accuracy, Frechet distance and diversity of the samples",

@@ -589,16 +589,22 @@ def test_study_figure_reads_each_run_at_w0(root, run_here, tmp_path):
     assert len(points) == len(M.DESIGN_RUNS)
     # the shipped run's point is the shipped evaluation's entry at w = 0, seed by seed
     shipped = points[[stem for stem, _ in M.DESIGN_RUNS].index(M.SHIPPED_RUN)]
-    for (accuracy, ratio, n, real), name in zip(shipped, ("mnist_eval.json", "mnist_eval_seed1.json")):
+    for p, name in zip(shipped, ("mnist_eval.json", "mnist_eval_seed1.json")):
         ev = json.load(open(os.path.join(root, "figures", name)))
         e = next(e for e in ev["by_w"] if e["w"] == 0 and e["sampler"] == "ddpm" and e["steps"] == 200)
-        assert accuracy == pytest.approx(100 * e["accuracy"]) and n == 1000
-        assert ratio == pytest.approx(e["frechet_distance"] / ev["frechet_floor_train_vs_test"])
-        assert real == pytest.approx(100 * ev["real_test_accuracy"])
+        assert p.accuracy == pytest.approx(100 * e["accuracy"]) and p.samples == 1000
+        assert p.frechet_ratio == pytest.approx(e["frechet_distance"] / ev["frechet_floor_train_vs_test"])
+        assert p.real_accuracy == pytest.approx(100 * ev["real_test_accuracy"])
+        assert p.misread == {m["index"] for m in e["misread"]} and len(p.misread) == round(1000 * (1 - e["accuracy"]))
     assert points[0][1] is None  # the first model was not evaluated at seed 1
+    assert points[0][0].misread is None  # nor were its misread samples kept
     r = run(root, "study", "--out", tmp_path / "study.png", "--quiet")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
+    numbers = json.load(open(tmp_path / "study.json"))
+    assert [run["stem"] for run in numbers["runs"]] == [stem for stem, _ in M.DESIGN_RUNS]
+    reference = numbers["runs"][[stem for stem, _ in M.DESIGN_RUNS].index(M.SHIPPED_RUN)]["seeds"]
+    assert [(s["misread"], s["also_misread_by_reference"]) for s in reference] == [(len(p.misread),) * 2 for p in shipped]
     # a folder lacking a run: one line naming it, no figure
     for name in os.listdir(study):
         if not name.startswith("bias_22_epochs"):
@@ -611,6 +617,27 @@ def test_study_figure_reads_each_run_at_w0(root, run_here, tmp_path):
     assert status == 2 and "bias_22_epochs_eval.json is not an evaluation" in err and len(err.strip().splitlines()) == 1
     status, out, err = run_here("mnist_ddpm.py", "study", "--study-dir", tmp_path / "nowhere", "--out", tmp_path / "none.png")
     assert status == 2 and "not found" in err and len(err.strip().splitlines()) == 1
+
+
+def test_shared_misreads_counts_the_same_noise_and_the_chance_of_it():
+    def point(misread):
+        return M.DesignPoint(99.6, 1.0, 1000, 99.7, frozenset(misread))
+    points = [[None, None] for _ in M.DESIGN_RUNS]
+    ref = [stem for stem, _ in M.DESIGN_RUNS].index(M.SHIPPED_RUN)
+    points[ref] = [point({5, 150, 420, 421}), point({7})]
+    points[0] = [point({5, 151, 420, 999}), None]
+    points[1] = [M.DesignPoint(99.0, 1.0, 1000, 99.7, None), point({7, 8})]
+    shared = M.shared_misreads(points)
+    # samples 5 and 420 are wrong in both; by digit (100 samples each) the reference misreads one 0, one 1 and
+    # two 4s, the other run one 0, one 1, one 4 and one 9: (1 * 1 + 1 * 1 + 2 * 1 + 0 * 1) / 100 by chance
+    assert shared[0] == [(4, 2, pytest.approx(0.04)), None]
+    assert shared[1] == [None, (2, 1, pytest.approx(0.02))]  # seed 0 kept no misreads
+    assert shared[ref] == [(4, 4, pytest.approx((1 + 1 + 4) / 100)), (1, 1, pytest.approx(0.01))]
+    # an entry that kept fewer misread samples than it counted cannot be compared
+    result = {"n_per_digit": 100}
+    entry = {"accuracy": 0.98, "misread": [{"index": i} for i in range(15)]}
+    assert M.misread_indices(result, entry) is None
+    assert M.misread_indices(result, dict(entry, accuracy=0.985)) == frozenset(range(15))
 
 
 def test_inpaint_keeps_the_kept_pixels_and_edit_follows_t0(root, tiny_ckpt, small_data, tmp_path):

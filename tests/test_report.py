@@ -265,3 +265,30 @@ def test_the_guided_steps_table_reports_what_the_evaluations_measured(root):
         assert row[2] == f"{(200 + guided) / 400:.2f}", row  # one pass per step, two on a guided one
         assert row[3:] == [cell(f"{stem}.json", w, k), cell(f"{stem}_seed1.json", w, k)], row
         assert row[3] != "not run", row
+
+
+def test_the_shared_misreads_paragraph_reports_the_study_numbers(root):
+    import json
+    import mnist_ddpm
+    with open(os.path.join(root, "figures", "mnist_study.json")) as f:
+        numbers = json.load(f)
+    # the shipped counts are those of the evaluations in figures/mnist_study/ today
+    shared = mnist_ddpm.shared_misreads(mnist_ddpm.design_points(os.path.join(root, "figures", "mnist_study")))
+    for run, cells in zip(numbers["runs"], shared):
+        for seed, cell in zip(run["seeds"], cells):
+            kept = [] if seed is None or "misread" not in seed else [
+                seed["misread"], seed["also_misread_by_reference"], pytest.approx(seed["expected_shared_by_chance"])]
+            assert kept == ([] if cell is None else list(cell)), run["stem"]
+    later = [run["seeds"] for run in numbers["runs"][[r["stem"] for r in numbers["runs"]].index(numbers["reference"]) + 1:]]
+    text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
+    counts = [[s[seed] for s in later] for seed in (0, 1)]
+    pooled = " and ".join(f"{sum(s['also_misread_by_reference'] for s in c)} of {sum(s['misread'] for s in c)} at seed {i}"
+                          for i, c in enumerate(counts))
+    ranges = " and ".join(f"{min(s['also_misread_by_reference'] for s in c)} to "
+                          f"{max(s['also_misread_by_reference'] for s in c)}" + (" per run" if i == 0 else "") + f" at seed {i}"
+                          for i, c in enumerate(counts))
+    chance = [s["expected_shared_by_chance"] for c in counts for s in c]
+    assert f"the ten runs after the shipped one, {pooled}, about half" in text
+    assert f": {ranges}, " in text
+    assert f"would share {min(chance):.1f} to {max(chance):.1f}." in text
+    assert len(later) == 10
