@@ -1306,7 +1306,7 @@ def cmd_study(args, device):
     legend_rows = 3  # empty rows below the last run, where the legends go, so that they cover no point
     fig, (acc, dist, wrong) = plt.subplots(1, 3, figsize=(10.4, 0.27 * (len(rows) + legend_rows) + 1.3), sharey=True,
                                            gridspec_kw={"width_ratios": [1.6, 1, 0.9]})
-    shipped_index = [stem for stem, _ in DESIGN_RUNS].index(SHIPPED_RUN)
+    shipped = rows[[stem for stem, _ in DESIGN_RUNS].index(SHIPPED_RUN)]
     for seed, (marker, offset) in enumerate((("o", 0.14), ("s", -0.14))):
         have = [(r, p[seed]) for r, p in zip(rows, points) if p[seed] is not None]
         y = np.array([r for r, _ in have]) + offset
@@ -1317,9 +1317,8 @@ def cmd_study(args, device):
         counted = [(r, c[seed]) for r, c in zip(rows, shared) if c[seed] is not None]
         y = np.array([r for r, _ in counted]) + offset
         wrong.barh(y, [c[0] for _, c in counted], height=0.26, color=f"C{seed}", alpha=0.35, lw=0)
-        also = [(r, c) for r, c in counted if r != rows[shipped_index]]
+        also = [(r, c) for r, c in counted if r != shipped]
         wrong.barh(np.array([r for r, _ in also]) + offset, [c[1] for _, c in also], height=0.26, color=f"C{seed}", lw=0)
-    shipped = rows[shipped_index]
     for ax in (acc, dist, wrong):
         ax.axhspan(shipped - 0.45, shipped + 0.45, color="0.88", zorder=0)
         ax.grid(axis="x", color="0.9", lw=0.6)
