@@ -337,7 +337,12 @@ def train_settings(args):
     """The training settings `train` records in its checkpoint, from its flags."""
     return {"seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
             "p_uncond": args.p_uncond, "ema_decay": args.ema, "min_snr": args.min_snr,
-            "min_snr_mode": args.min_snr_mode}
+            "min_snr_mode": args.min_snr_mode, "extra_ema": list(args.extra_ema)}
+
+
+def extra_ema_path(out, decay):
+    """Where `train --extra-ema DECAY` writes the checkpoint with that EMA's weights."""
+    return f"{os.path.splitext(out)[0]}_ema{decay:g}.pt"
 
 
 def cmd_train(args, device):
@@ -354,6 +359,7 @@ def cmd_train(args, device):
     torch.manual_seed(args.seed)  # initial weights and Fourier frequencies
     model = MnistUNet(config).to(device)
     ema = utils.make_ema(model, args.ema)
+    extra_emas = [utils.make_ema(model, decay) for decay in args.extra_ema]  # other averaging lengths, same run
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     gen = utils.make_generator(args.seed, device)
     order_gen = utils.make_generator(args.seed + 1)  # order of the images in each epoch
@@ -365,7 +371,7 @@ def cmd_train(args, device):
     if args.resume:
         state = utils.load_checkpoint(resume_path, KIND + "-resume", f"{TRAIN_COMMAND} --out {out}")
         with utils.checkpoint_format(resume_path):  # settings the file predates take their defaults
-            saved = {"min_snr_mode": "weight", **config_dict(unet_config(state["model_config"])), **state["run"]}
+            saved = {"min_snr_mode": "weight", "extra_ema": [], **config_dict(unet_config(state["model_config"])), **state["run"]}
         current = {**config_dict(config), **run}
         differ = [f"{k} {saved.get(k)} there, {current.get(k)} here" for k in sorted(saved.keys() | current.keys())
                   if saved.get(k) != current.get(k)]
@@ -373,6 +379,8 @@ def cmd_train(args, device):
             raise utils.UserError(f"{resume_path} was made with other settings ({'; '.join(differ)}); "
                                   "pass the same flags, or rerun without --resume to start again")
         utils.restore_training_state(state, model, ema, optimizer, noise=gen, order=order_gen)
+        for extra, saved_state in zip(extra_emas, state.get("extra_emas", [])):
+            extra.load_state_dict(saved_state)
         epoch, seconds, history = state["epoch"], state["seconds"], state["history"]
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters; {args.epochs} epochs of {steps_per_epoch} "
           f"batches; starting at epoch {epoch + 1}", flush=True)
@@ -393,6 +401,8 @@ def cmd_train(args, device):
                                                labels[idx].to(device), gen, lr, args.p_uncond,
                                                bf16=precision == "bf16", min_snr=args.min_snr,
                                                min_snr_mode=args.min_snr_mode, prediction=args.prediction))
+                for extra in extra_emas:
+                    extra.update_parameters(model)
                 if i % 10 == 0:
                     bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}",
                                     img_s=f"{len(losses) * args.batch_size / (time.perf_counter() - t_epoch):.0f}")
@@ -415,10 +425,15 @@ def cmd_train(args, device):
                     "train": {**run, "epochs_done": epoch, "seconds": round(seconds, 1),
                               "final_loss": history["loss"][-1], "history": history}}
             utils.save_checkpoint(out, ckpt)
+            for decay, extra in zip(args.extra_ema, extra_emas):
+                utils.save_checkpoint(extra_ema_path(out, decay), {
+                    **ckpt, "model": extra.module.state_dict(),
+                    "train": {**ckpt["train"], "ema_decay": decay, "extra_ema": []}})
             if epoch < args.epochs:
                 utils.save_checkpoint(resume_path, {
                     "kind": KIND + "-resume", "model_config": config_dict(config), "run": run,
                     **utils.training_state(model, ema, optimizer, noise=gen, order=order_gen),
+                    "extra_emas": [extra.state_dict() for extra in extra_emas],
                     "epoch": epoch, "seconds": seconds, "history": history})
             print(f"epoch {epoch}: loss {history['loss'][-1]:.4f}, {seconds:.0f} s so far; wrote {out}", flush=True)
     if epoch < args.epochs:
@@ -1401,6 +1416,10 @@ def build_parser():
     q.add_argument("--lr", type=utils.positive_float, default=2e-3, help="peak Adam learning rate, warm-up then cosine decay (default 2e-3)")
     q.add_argument("--p-uncond", type=utils.fraction, default=0.05, help="probability of dropping the label, for classifier-free guidance (default 0.05)")
     q.add_argument("--ema", type=utils.fraction, default=0.999, help="EMA decay of the weights used for sampling (default 0.999)")
+    q.add_argument("--extra-ema", type=utils.fraction, nargs="+", default=[], metavar="DECAY",
+                   help="further EMA decays kept during the same run, each written beside --out as "
+                        "<name>_ema<DECAY>.pt, a checkpoint like --out's (compares averaging lengths for the cost "
+                        "of one run; the snapshots use --ema's weights; default: none)")
     utils.add_precision_flag(q, "training")
     q.add_argument("--res-layers", type=utils.positive_int, nargs="+", default=[1], metavar="N",
                    help="residual layers in each block: one number for every block, or four for the blocks at 28, "

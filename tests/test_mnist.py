@@ -126,7 +126,7 @@ def test_the_shipped_checkpoint_is_what_the_default_train_command_makes(root):
     defaults of `mnist_ddpm.py train`, or the README's command would train another model."""
     ckpt = torch.load(os.path.join(root, "checkpoints", "mnist_T200.pt"), map_location="cpu", weights_only=True)
     args = M.build_parser().parse_args(["train"])
-    recorded = ckpt["train"]
+    recorded = {"extra_ema": [], **ckpt["train"]}  # written before --extra-ema existed
     for key, default in M.train_settings(args).items():
         assert recorded[key] == default, key
     assert recorded["epochs_done"] == args.epochs and recorded["images"] == 60000
@@ -347,7 +347,7 @@ def test_bad_checkpoints_and_data(root, run_here, tiny_ckpt, small_data, tmp_pat
 
 
 def test_ctrl_c_keeps_finished_epochs_and_resume_ends_like_an_uninterrupted_run(root, small_data, tmp_path):
-    settings = [*TINY_MODEL, "--epochs", "30", "--limit", "64", "--data", str(small_data)]
+    settings = [*TINY_MODEL, "--epochs", "30", "--limit", "64", "--data", str(small_data), "--extra-ema", "0.9"]
     full, cut = tmp_path / "full.pt", tmp_path / "cut.pt"
     assert run(root, "train", *settings, "--out", full).returncode == 0
     proc = subprocess.Popen([sys.executable, os.path.join(root, "mnist_ddpm.py"), "train", *settings, "--out", str(cut)],
@@ -371,6 +371,23 @@ def test_ctrl_c_keeps_finished_epochs_and_resume_ends_like_an_uninterrupted_run(
     a, b = torch.load(full, weights_only=True), torch.load(cut, weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["train"]["history"]["loss"] == b["train"]["history"]["loss"]
+    a, b = (torch.load(M.extra_ema_path(str(path), 0.9), weights_only=True) for path in (full, cut))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # the extra average resumes too
+
+
+def test_extra_ema_checkpoints_average_the_same_weights_at_their_own_decay(root, small_data, tmp_path):
+    out = tmp_path / "m.pt"
+    r = run(root, "train", *TINY_MODEL, "--epochs", "2", "--limit", "64", "--data", small_data, "--out", out,
+            "--ema", "0.9", "--extra-ema", "0.9", "0.5", "--quiet")
+    assert r.returncode == 0, r.stderr
+    main = torch.load(out, weights_only=True)
+    same, shorter = (torch.load(tmp_path / name, weights_only=True) for name in ("m_ema0.9.pt", "m_ema0.5.pt"))
+    assert all(torch.equal(main["model"][k], same["model"][k]) for k in main["model"])
+    assert not all(torch.equal(main["model"][k], shorter["model"][k]) for k in main["model"])
+    assert (main["train"]["ema_decay"], same["train"]["ema_decay"], shorter["train"]["ema_decay"]) == (0.9, 0.9, 0.5)
+    assert main["train"]["extra_ema"] == [0.9, 0.5] and shorter["model_config"] == main["model_config"]
+    status = run(root, "sample", "--checkpoint", tmp_path / "m_ema0.5.pt", "--label", 3, "--n", 2, "--out", tmp_path / "s.npy")
+    assert status.returncode == 0, status.stderr  # a checkpoint like any other
 
 
 def test_precision_auto_resolves_to_what_the_hardware_supports():
