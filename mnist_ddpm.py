@@ -1288,6 +1288,11 @@ def design_points(folder):
     return points
 
 
+def design_run_index(stem):
+    """The position of a run (by its file stem) in DESIGN_RUNS, and so in design_points' rows."""
+    return [name for name, _ in DESIGN_RUNS].index(stem)
+
+
 def shared_misreads(points, reference=SHIPPED_RUN):
     """For each design run and seed (from design_points): (misreads, how many of them the reference run also
     misreads, how many the two would share by chance), or None where either run's misreads were not all kept.
@@ -1295,7 +1300,7 @@ def shared_misreads(points, reference=SHIPPED_RUN):
     the same noise at each step, so a shared index is a sample both networks got wrong from the same noise.
     By chance: were each run's misreads of a digit a random subset of that digit's n samples, the two would
     share sum over digits of a_d b_d / n."""
-    ref = points[[stem for stem, _ in DESIGN_RUNS].index(reference)]
+    ref = points[design_run_index(reference)]
     shared = []
     for row in points:
         cells = []
@@ -1321,7 +1326,7 @@ def cmd_study(args, device):
     legend_rows = 3  # empty rows below the last run, where the legends go, so that they cover no point
     fig, (acc, dist, wrong) = plt.subplots(1, 3, figsize=(10.4, 0.27 * (len(rows) + legend_rows) + 1.3), sharey=True,
                                            gridspec_kw={"width_ratios": [1.6, 1, 0.9]})
-    shipped = rows[[stem for stem, _ in DESIGN_RUNS].index(SHIPPED_RUN)]
+    shipped = rows[design_run_index(SHIPPED_RUN)]
     for seed, (marker, offset) in enumerate((("o", 0.14), ("s", -0.14))):
         have = [(r, p[seed]) for r, p in zip(rows, points) if p[seed] is not None]
         y = np.array([r for r, _ in have]) + offset

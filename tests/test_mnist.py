@@ -605,7 +605,7 @@ def test_study_figure_reads_each_run_at_w0(root, run_here, tmp_path):
     points = M.design_points(study)
     assert len(points) == len(M.DESIGN_RUNS)
     # the shipped run's point is the shipped evaluation's entry at w = 0, seed by seed
-    shipped = points[[stem for stem, _ in M.DESIGN_RUNS].index(M.SHIPPED_RUN)]
+    shipped = points[M.design_run_index(M.SHIPPED_RUN)]
     for p, name in zip(shipped, ("mnist_eval.json", "mnist_eval_seed1.json")):
         ev = json.load(open(os.path.join(root, "figures", name)))
         e = next(e for e in ev["by_w"] if e["w"] == 0 and e["sampler"] == "ddpm" and e["steps"] == 200)
@@ -620,7 +620,7 @@ def test_study_figure_reads_each_run_at_w0(root, run_here, tmp_path):
     assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
     numbers = json.load(open(tmp_path / "study.json"))
     assert [run["stem"] for run in numbers["runs"]] == [stem for stem, _ in M.DESIGN_RUNS]
-    reference = numbers["runs"][[stem for stem, _ in M.DESIGN_RUNS].index(M.SHIPPED_RUN)]["seeds"]
+    reference = numbers["runs"][M.design_run_index(M.SHIPPED_RUN)]["seeds"]
     assert [(s["misread"], s["also_misread_by_reference"]) for s in reference] == [(len(p.misread),) * 2 for p in shipped]
     # a folder lacking a run: one line naming it, no figure
     for name in os.listdir(study):
@@ -640,7 +640,7 @@ def test_shared_misreads_counts_the_same_noise_and_the_chance_of_it():
     def point(misread):
         return M.DesignPoint(99.6, 1.0, 1000, 99.7, frozenset(misread))
     points = [[None, None] for _ in M.DESIGN_RUNS]
-    ref = [stem for stem, _ in M.DESIGN_RUNS].index(M.SHIPPED_RUN)
+    ref = M.design_run_index(M.SHIPPED_RUN)
     points[ref] = [point({5, 150, 420, 421}), point({7})]
     points[0] = [point({5, 151, 420, 999}), None]
     points[1] = [M.DesignPoint(99.0, 1.0, 1000, 99.7, None), point({7, 8})]
