@@ -371,7 +371,8 @@ def cmd_train(args, device):
     if args.resume:
         state = utils.load_checkpoint(resume_path, KIND + "-resume", f"{TRAIN_COMMAND} --out {out}")
         with utils.checkpoint_format(resume_path):  # settings the file predates take their defaults
-            saved = {"min_snr_mode": "weight", "extra_ema": [], **config_dict(unet_config(state["model_config"])), **state["run"]}
+            saved = {"min_snr_mode": "weight", "extra_ema": [],
+                     **config_dict(unet_config(state["model_config"])), **state["run"]}
         current = {**config_dict(config), **run}
         differ = [f"{k} {saved.get(k)} there, {current.get(k)} here" for k in sorted(saved.keys() | current.keys())
                   if saved.get(k) != current.get(k)]
