@@ -1235,6 +1235,8 @@ DESIGN_RUNS = [
     ("min_snr_0.5_lr_2e-3_p_uncond_0.05_40_epochs", "shipped recipe at Min-SNR 0.5"),
     ("min_snr_1_lr_2e-3_p_uncond_0.05_80_epochs", "shipped recipe, 80 epochs"),
     ("channels_32_32_64_64_32_epochs", "shipped, channels 32/32/64/64, 32 epochs"),
+    ("ema_0.9995_40_epochs", "shipped recipe, EMA 0.9995"),
+    ("ema_0.9998_40_epochs", "shipped recipe, EMA 0.9998"),
 ]
 SHIPPED_RUN = "min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs"
 W0_TARGET = 98.7  # % classified as asked without guidance (issue: the classifier's 99.7% less 1 point)
