@@ -100,6 +100,7 @@ class MnistUNetConfig:
     # block, or four for the blocks at 28, 14, 7 and 7 pixels (the up path mirrors the down path)
     scale_shift: bool = False  # the embedding scales and shifts the normalised features instead of adding a bias
     prediction: str = "eps"  # what the last convolution predicts: the noise, or v (turned into the noise on the way out)
+    dropout: float = 0.0  # probability of zeroing a feature before each residual layer's second conv (training only)
 
 
 class ResidualLayer(nn.Module):
@@ -109,11 +110,16 @@ class ResidualLayer(nn.Module):
     or as a per-channel scale and shift of the second normalisation, h = GroupNorm(h) (1 + scale)
     + shift (scale_shift=True; Dhariwal & Nichol 2021, section 3, "adaptive group normalization"),
     which lets the label multiply features rather than only offset them.
+
+    With dropout > 0, training zeroes each feature entering the second conv with that probability
+    (Ho et al. 2020, as in their residual blocks); in eval mode the layer is deterministic.
     """
 
-    def __init__(self, c_in, c_out, embed_dim, groups, scale_shift=False):
+    def __init__(self, c_in, c_out, embed_dim, groups, scale_shift=False, dropout=0.0):
         super().__init__()
         self.scale_shift = scale_shift
+        # no Dropout module at p = 0: even then it would draw from the global random generator
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.norm1, self.conv1 = nn.GroupNorm(groups, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(embed_dim, 2 * c_out if scale_shift else c_out)
         self.norm2, self.conv2 = nn.GroupNorm(groups, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
@@ -127,7 +133,7 @@ class ResidualLayer(nn.Module):
             h = self.norm2(h) * (1 + scale) + shift
         else:
             h = self.norm2(h + e)
-        h = self.conv2(F.silu(h))
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
@@ -182,7 +188,8 @@ class Block(nn.Module):
 
     def __init__(self, c_in, c_out, cfg, n_res):
         super().__init__()
-        self.res = nn.ModuleList([ResidualLayer(c_in if k == 0 else c_out, c_out, cfg.embed_dim, cfg.groups, cfg.scale_shift)
+        self.res = nn.ModuleList([ResidualLayer(c_in if k == 0 else c_out, c_out, cfg.embed_dim, cfg.groups, cfg.scale_shift,
+                                                cfg.dropout)
                                   for k in range(n_res)])
         self.attn = SelfAttention(c_out, cfg.groups, cfg.attn_window)
 
@@ -330,7 +337,7 @@ def train_config(args):
     res_layers = args.res_layers[0] if len(args.res_layers) == 1 else tuple(args.res_layers)
     return MnistUNetConfig(T=args.T, channels=tuple(args.channels), res_layers=res_layers,
                            scale_shift=args.embedding == "scale-shift", embed_layers=args.embedding_layers,
-                           prediction=args.prediction)
+                           prediction=args.prediction, dropout=args.dropout)
 
 
 def train_settings(args):
@@ -356,7 +363,7 @@ def cmd_train(args, device):
     config = train_config(args)
     diffusion = utils.Diffusion(args.T, "cosine")
 
-    torch.manual_seed(args.seed)  # initial weights and Fourier frequencies
+    torch.manual_seed(args.seed)  # initial weights, Fourier frequencies and dropout masks
     model = MnistUNet(config).to(device)
     ema = utils.make_ema(model, args.ema)
     extra_emas = [utils.make_ema(model, decay) for decay in args.extra_ema]  # other averaging lengths, same run
@@ -382,6 +389,8 @@ def cmd_train(args, device):
         utils.restore_training_state(state, model, ema, optimizer, noise=gen, order=order_gen)
         for extra, saved_state in zip(extra_emas, state.get("extra_emas", [])):
             extra.load_state_dict(saved_state)
+        if "global_rng" in state:  # where the dropout masks had got to
+            torch.set_rng_state(state["global_rng"])
         epoch, seconds, history = state["epoch"], state["seconds"], state["history"]
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters; {args.epochs} epochs of {steps_per_epoch} "
           f"batches; starting at epoch {epoch + 1}", flush=True)
@@ -434,7 +443,7 @@ def cmd_train(args, device):
                 utils.save_checkpoint(resume_path, {
                     "kind": KIND + "-resume", "model_config": config_dict(config), "run": run,
                     **utils.training_state(model, ema, optimizer, noise=gen, order=order_gen),
-                    "extra_emas": [extra.state_dict() for extra in extra_emas],
+                    "extra_emas": [extra.state_dict() for extra in extra_emas], "global_rng": torch.get_rng_state(),
                     "epoch": epoch, "seconds": seconds, "history": history})
             print(f"epoch {epoch}: loss {history['loss'][-1]:.4f}, {seconds:.0f} s so far; wrote {out}", flush=True)
     if epoch < args.epochs:
@@ -1451,6 +1460,9 @@ def build_parser():
                         "whose loss weighs the clean image's error at least as much as at every step, the noisiest "
                         "included (with --min-snr GAMMA the weight of the image error is min(1 + SNR, GAMMA)); "
                         "default eps")
+    q.add_argument("--dropout", type=utils.fraction, default=0.0, metavar="P",
+                   help="probability of zeroing each feature before the second conv of every residual layer, in "
+                        "training only (default 0: no dropout)")
     q.add_argument("--channels", type=utils.positive_int, nargs=4, default=[16, 32, 64, 64], metavar="C",
                    help="features of the four blocks, multiples of 8 (default 16 32 64 64)")
     q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with x_train, y_train, x_test, y_test (default {DEFAULT_DATA})")

@@ -448,7 +448,9 @@ def restore_training_state(state, model, ema, optimizer, **generators):
 
 
 def make_generator(seed, device="cpu"):
-    """An explicit random generator: every random draw in the project goes through one."""
+    """An explicit random generator: every random draw in the project goes through one, except
+    initial weights and dropout masks, which come from torch's global generator, seeded by each
+    training command (MNIST training saves its state for --resume)."""
     return torch.Generator(device=device).manual_seed(int(seed))
 
 

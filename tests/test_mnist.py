@@ -347,7 +347,8 @@ def test_bad_checkpoints_and_data(root, run_here, tiny_ckpt, small_data, tmp_pat
 
 
 def test_ctrl_c_keeps_finished_epochs_and_resume_ends_like_an_uninterrupted_run(root, small_data, tmp_path):
-    settings = [*TINY_MODEL, "--epochs", "30", "--limit", "64", "--data", str(small_data), "--extra-ema", "0.9"]
+    settings = [*TINY_MODEL, "--epochs", "30", "--limit", "64", "--data", str(small_data), "--extra-ema", "0.9",
+                "--dropout", "0.1"]  # dropout's masks come from the global generator, which must resume too
     full, cut = tmp_path / "full.pt", tmp_path / "cut.pt"
     assert run(root, "train", *settings, "--out", full).returncode == 0
     proc = subprocess.Popen([sys.executable, os.path.join(root, "mnist_ddpm.py"), "train", *settings, "--out", str(cut)],
@@ -414,6 +415,29 @@ def test_native_bf16_reads_the_cpu_flags(tmp_path, text, native):
     assert got is native and why
     got, why = utils.native_bf16(torch.device("cpu"), str(tmp_path / "missing"))
     assert got is False and "cannot read" in why
+
+
+def test_dropout_zeroes_a_share_of_conv2_inputs_in_training_only():
+    torch.manual_seed(0)
+    layer = M.ResidualLayer(8, 32, 16, 4, dropout=0.25)
+    seen = []
+    layer.conv2.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    x, emb = torch.randn(64, 8, 7, 7), torch.randn(64, 16)
+    layer.train()
+    layer(x, emb)
+    layer.eval()
+    first, second = layer(x, emb), layer(x, emb)
+    dropped, kept = seen[0], seen[1]
+    assert torch.equal(first, second)  # eval: no randomness
+    zeroed = (dropped == 0) & (kept != 0)
+    assert abs(zeroed.float().mean().item() - 0.25) < 0.01  # 100,352 features, 0.25 +- 0.004 at 3 sigma
+    assert torch.allclose(dropped[~zeroed], kept[~zeroed] / 0.75, atol=1e-6)  # the rest scaled up by 1 / (1 - p)
+    # without dropout, a training pass draws nothing from the global generator (runs without it repeat as before)
+    plain = M.MnistUNet(M.MnistUNetConfig(T=10, channels=(8, 8, 16, 16))).train()
+    assert not any(isinstance(m, torch.nn.Dropout) for m in plain.modules())
+    state = torch.get_rng_state()
+    plain(torch.zeros(2, 1, 28, 28), torch.tensor([0, 9]), torch.tensor([3, -1]))
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_scale_shift_with_a_silent_embedding_is_the_plain_layer():
