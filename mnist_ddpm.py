@@ -1246,6 +1246,8 @@ DESIGN_RUNS = [
     ("channels_32_32_64_64_32_epochs", "shipped, channels 32/32/64/64, 32 epochs"),
     ("ema_0.9995_40_epochs", "shipped recipe, EMA 0.9995"),
     ("ema_0.9998_40_epochs", "shipped recipe, EMA 0.9998"),
+    ("embedding_layers_2_ema_0.9995_40_epochs", "2-layer embedding, EMA 0.9995"),
+    ("embedding_layers_2_ema_0.9998_40_epochs", "2-layer embedding, EMA 0.9998"),
 ]
 SHIPPED_RUN = "min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs"
 W0_TARGET = 98.7  # % classified as asked without guidance (issue: the classifier's 99.7% less 1 point)

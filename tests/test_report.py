@@ -190,6 +190,10 @@ DESIGN_RUNS = {  # the design table's rows (by configuration) and the evaluation
     "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, channels 32 / 32 / 64 / 64": "channels_32_32_64_64_32_epochs",
     "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, EMA 0.9995": "ema_0.9995_40_epochs",
     "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, EMA 0.9998": "ema_0.9998_40_epochs",
+    "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, 2-layer embedding, EMA 0.9995":
+        "embedding_layers_2_ema_0.9995_40_epochs",
+    "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, 2-layer embedding, EMA 0.9998":
+        "embedding_layers_2_ema_0.9998_40_epochs",
 }
 
 
@@ -284,7 +288,9 @@ def test_the_shared_misreads_paragraph_reports_the_study_numbers(root):
             assert kept == ([] if cell is None else list(cell)), run["stem"]
     after = numbers["runs"][[r["stem"] for r in numbers["runs"]].index(numbers["reference"]) + 1:]
     averages = {"ema_0.9995_40_epochs", "ema_0.9998_40_epochs"}  # the shipped run's own weights, averaged more slowly
-    later = [run["seeds"] for run in after if run["stem"] not in averages]
+    # and those of a repeat of the two-layer-embedding run: not further trainings either
+    repeats = {"embedding_layers_2_ema_0.9995_40_epochs", "embedding_layers_2_ema_0.9998_40_epochs"}
+    later = [run["seeds"] for run in after if run["stem"] not in averages | repeats]
     text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
     counts = [[s[seed] for s in later] for seed in (0, 1)]
     pooled = " and ".join(f"{sum(s['also_misread_by_reference'] for s in c)} of {sum(s['misread'] for s in c)} at seed {i}"
@@ -300,3 +306,18 @@ def test_the_shared_misreads_paragraph_reports_the_study_numbers(root):
     assert f"share {own[0]} misreads (0.9995, seeds 0 and 1) and {own[1]} (0.9998)" in text
     assert f": {ranges}, " in text
     assert f"would share {min(chance):.1f} to {max(chance):.1f}." in text
+    # the two-layer-embedding run's slower averages against its own 0.999 average, from the same noise
+    folder = os.path.join(root, "figures", "mnist_study")
+    base, slower, slowest = (mnist_ddpm.design_points(folder)[[stem for stem, _ in mnist_ddpm.DESIGN_RUNS].index(stem)]
+                             for stem in ("embedding_layers_2_min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs", *sorted(repeats)))
+    assert all(a.misread == b.misread for a, b in zip(base, slower))
+    assert "0.9995 reads 98.7% and 98.3% as asked (seeds 0 and 1), misreading exactly the samples" in text
+    kept = [len(s.misread & b.misread) for s, b in zip(slowest, base)]
+    assert (f"Of the 0.9998 average's {len(slowest[0].misread)} and {len(slowest[1].misread)} misreads, {kept[0]} and "
+            f"{kept[1]} are misreads of the 0.999 average too (of its {len(base[0].misread)} and {len(base[1].misread)})"
+            in text)
+    turned = [len(b.misread - s.misread) for s, b in zip(slowest, base)]
+    added = [len(s.misread - b.misread) for s, b in zip(slowest, base)]
+    words = {1: "one", 2: "two", 3: "three"}
+    assert added[0] == 0 and (f"turns {words[turned[0]]} and {words[turned[1]]} of those samples into the digit asked "
+                              f"for, and adds {words[added[1]]} new misread at seed 1" in text)
