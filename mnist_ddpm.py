@@ -391,6 +391,8 @@ def cmd_train(args, device):
             extra.load_state_dict(saved_state)
         if "global_rng" in state:  # where the dropout masks had got to
             torch.set_rng_state(state["global_rng"])
+        if "cuda_rng" in state and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         epoch, seconds, history = state["epoch"], state["seconds"], state["history"]
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters; {args.epochs} epochs of {steps_per_epoch} "
           f"batches; starting at epoch {epoch + 1}", flush=True)
@@ -444,6 +446,7 @@ def cmd_train(args, device):
                     "kind": KIND + "-resume", "model_config": config_dict(config), "run": run,
                     **utils.training_state(model, ema, optimizer, noise=gen, order=order_gen),
                     "extra_emas": [extra.state_dict() for extra in extra_emas], "global_rng": torch.get_rng_state(),
+                    **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
                     "epoch": epoch, "seconds": seconds, "history": history})
             print(f"epoch {epoch}: loss {history['loss'][-1]:.4f}, {seconds:.0f} s so far; wrote {out}", flush=True)
     if epoch < args.epochs:
