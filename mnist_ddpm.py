@@ -1153,6 +1153,70 @@ def entry_key(entry, T):
     return entry["w"], entry.get("sampler", "ddpm"), entry.get("steps", T), entry.get("eta", 0.0)
 
 
+# ----------------------------------------------------------------------------------
+# heldout: the loss on digits the model never saw, against digits it trained on
+# ----------------------------------------------------------------------------------
+def noise_errors(model, diffusion, x_0, y, seed, device, progress=None, batch=500):
+    """(t, squared noise error) of each image noised once, label kept: t uniform over the T steps and
+    the noise drawn from `seed`, so that two sets of the same size get the same steps and the same
+    noise and differ only in their images."""
+    gen = utils.make_generator(seed)
+    ts, errors = [], []
+    with torch.no_grad():
+        for start in range(0, len(x_0), batch):
+            x, labels = x_0[start:start + batch], y[start:start + batch]
+            t = torch.randint(0, diffusion.T, (len(x),), generator=gen)
+            noise = torch.randn(x.shape, generator=gen)
+            eps = model(diffusion.q_sample(x, t, noise).to(device), t.to(device), labels.to(device)).float().cpu()
+            ts.append(t)
+            errors.append((eps - noise).square().flatten(1).mean(1))
+            if progress is not None:
+                progress.update(len(x))
+    return torch.cat(ts), torch.cat(errors)
+
+
+def heldout_comparison(t, train, test, diffusion, gamma):
+    """Training against test digits, noised at the same steps t with the same noise (example i of each
+    set): the mean loss of each, plain and Min-SNR weighted (with the run's gamma; None: plain only),
+    over all steps and over the noisy half of the chain (paper steps T/2 + 1 to T), and test / train
+    with its standard error (delta method on the pairs, which share t and noise)."""
+    weight = (torch.ones(diffusion.T) if gamma is None else diffusion.min_snr_weights(gamma))[t]
+    noisy = t >= diffusion.T // 2
+    result = {}
+    for name, keep, w in (("plain", slice(None), 1.0), ("weighted", slice(None), weight),
+                          ("plain_noisy_half", noisy, 1.0), ("weighted_noisy_half", noisy, weight[noisy])):
+        a, b = w * train[keep], w * test[keep]
+        ratio = (b.mean() / a.mean()).item()
+        se = ((b - ratio * a).std() / len(a) ** 0.5 / a.mean()).item()
+        result[name] = {"train": a.mean().item(), "test": b.mean().item(), "test_over_train": ratio,
+                        "standard_error": se}
+    return result
+
+
+def cmd_heldout(args, device):
+    if args.out:
+        utils.ensure_writable_dir(args.out)
+    model, diffusion, ckpt = load_unet(args.checkpoint, args.T, device)
+    gamma = ckpt["train"].get("min_snr")
+    splits = {split: load_mnist(args.data, split) for split in ("train", "test")}
+    n = min(args.n, *(len(images) for images, _ in splits.values()))
+    # the first n test digits, and n training digits drawn at random (that split is not in random order)
+    pick = torch.randperm(len(splits["train"][0]), generator=utils.make_generator(args.seed))[:n]
+    splits = {"train": [a[pick] for a in splits["train"]], "test": [a[:n] for a in splits["test"]]}
+    errors = {}
+    with tqdm(total=2 * n, desc="noised digits", unit="img", disable=args.quiet) as bar:
+        for split, (images, labels) in splits.items():
+            t, errors[split] = noise_errors(model, diffusion, to_model(images), labels, args.seed, device, bar)
+    result = {"checkpoint": args.checkpoint, "model": model_fingerprint(ckpt), "n": n, "seed": args.seed,
+              "min_snr": gamma, "losses": heldout_comparison(t, errors["train"], errors["test"], diffusion, gamma)}
+    for name, r in result["losses"].items():
+        print(f"{name:>19}: train {r['train']:.5f}, test {r['test']:.5f}, "
+              f"test / train {r['test_over_train']:.3f} +- {r['standard_error']:.3f}")
+    if args.out:
+        utils.save_json(args.out, result)
+        print(f"wrote {args.out}")
+
+
 def model_fingerprint(ckpt):
     """What tells one training run of the diffusion model from another: its training record."""
     return {k: ckpt["train"][k] for k in ("seed", "epochs_done", "seconds", "final_loss")}
@@ -1569,6 +1633,16 @@ def build_parser():
     q.add_argument("--quiet", action="store_true", help="print only the files written, not the settings first")
     q.set_defaults(device="cpu")
 
+    q = sub.add_parser("heldout", help="the noise loss on test digits against training digits",
+                       description="The noise-prediction loss of --n training digits drawn at random and the first "
+                                   "--n test digits (labels kept), each noised once, the two sets at the same steps with the same "
+                                   "noise: plain and Min-SNR weighted as in training, over all steps and the noisy "
+                                   "half of the chain. A test loss above the training loss is what the model learnt "
+                                   "of its own training digits and not of digits in general.")
+    q.add_argument("--n", type=utils.positive_int, default=10000, help="digits of each split (default 10000, all the test digits)")
+    q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with the MNIST arrays (default {DEFAULT_DATA})")
+    q.add_argument("--out", default=None, help="also save the numbers here (JSON)")
+    common(q)
     q = sub.add_parser("evaluate", help="accuracy, Frechet distance and diversity of the samples",
                        description="For --n samples of each digit at each --ws: share classified as the requested digit, "
                                    "Frechet distance to real test digits in the classifier's feature space (beside the "
@@ -1599,7 +1673,7 @@ def parse_args(argv=None):
         p.error("--n must be at least 2 (diversity compares pairs of samples)")
     if args.command in ("grid", "trajectory") and os.path.splitext(args.out)[1] not in (".png", ".pdf", ".svg"):
         p.error(f"--out {args.out}: the figure must end in .png, .pdf or .svg")
-    if args.command == "evaluate" and not args.out.endswith(".json"):
+    if args.command in ("evaluate", "heldout") and args.out is not None and not args.out.endswith(".json"):
         p.error(f"--out {args.out}: the results file must end in .json")
     if getattr(args, "eta", 0) and args.sampler != "ddim":
         p.error("--eta applies to --sampler ddim only")
@@ -1616,7 +1690,8 @@ def main():
 
 COMMANDS = {"train": cmd_train, "classifier": cmd_classifier, "sample": cmd_sample, "grid": cmd_grid,
             "trajectory": cmd_trajectory, "evaluate": cmd_evaluate, "animate": cmd_animate, "progress": cmd_progress,
-            "inpaint": cmd_inpaint, "edit": cmd_edit, "prior": cmd_prior, "study": cmd_study}
+            "inpaint": cmd_inpaint, "edit": cmd_edit, "prior": cmd_prior, "study": cmd_study,
+            "heldout": cmd_heldout}
 
 if __name__ == "__main__":
     utils.run_main(main)

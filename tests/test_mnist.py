@@ -313,6 +313,8 @@ def test_frechet_distance_of_shifted_gaussians():
     (["train", "--channels", "8", "8", "12", "16"], "multiple of 8"),
     (["evaluate", "--n", "1"], "at least 2"),
     (["grid", "--out", "grid.jpeg"], "must end in .png"),
+    (["heldout", "--out", "losses.txt"], "must end in .json"),
+    (["train", "--dropout", "1"], "a number in [0, 1)"),
 ])
 def test_bad_flags(run_here, args, needle):
     status, _, err = run_here("mnist_ddpm.py", *args)
@@ -438,6 +440,44 @@ def test_dropout_zeroes_a_share_of_conv2_inputs_in_training_only():
     state = torch.get_rng_state()
     plain(torch.zeros(2, 1, 28, 28), torch.tensor([0, 9]), torch.tensor([3, -1]))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_heldout_comparison_on_hand_made_errors():
+    diffusion = utils.Diffusion(10, "cosine")
+    t = torch.tensor([0, 4, 5, 9, 0, 4, 5, 9])  # the noisy half is t >= 5 (paper steps 6 to 10)
+    train = torch.tensor([1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0])
+    test = torch.tensor([1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 6.0, 6.0])
+    r = M.heldout_comparison(t, train, test, diffusion, gamma=None)
+    assert r["plain"]["train"] == 2.0 and r["plain"]["test"] == 3.0 and r["plain"]["test_over_train"] == 1.5
+    assert r["plain_noisy_half"]["test_over_train"] == 2.0 and r["plain_noisy_half"]["standard_error"] == 0.0
+    assert r["weighted"] == r["plain"]  # no gamma: nothing to weigh
+    # with gamma = 1, the step t = 0 (SNR far above 1) weighs 1 / SNR, the others as computed by hand
+    abar = diffusion.alphas_cumprod
+    w = [min(s, 1.0) / s for s in (abar / (1 - abar)).tolist()]
+    r = M.heldout_comparison(t, train, test, diffusion, gamma=1.0)
+    weights = torch.tensor([w[k] for k in t.tolist()])
+    assert r["weighted"]["train"] == pytest.approx((weights * train).mean().item())
+    assert r["weighted"]["test_over_train"] == pytest.approx((weights * test).sum().item() / (weights * train).sum().item())
+    # the standard error of the ratio: delta method on the pairs, here against a direct calculation
+    d = test - 1.5 * train
+    assert r["plain"]["standard_error"] == pytest.approx((d.std() / 8 ** 0.5 / 2.0).item())
+
+
+def test_heldout_of_the_same_digits_is_the_training_loss(root, tiny_ckpt, tmp_path):
+    with np.load(os.path.join(root, "data", "mnist.npz"), allow_pickle=False) as f:
+        image, label = f["x_test"][:1], f["y_test"][:1]
+    same = tmp_path / "same.npz"  # both splits one digit, repeated: the two sets are the same noised images
+    np.savez(same, x_train=np.repeat(image, 40, 0), y_train=np.repeat(label, 40), x_test=np.repeat(image, 30, 0),
+             y_test=np.repeat(label, 30))
+    out = tmp_path / "heldout.json"
+    r = run(root, "heldout", "--checkpoint", tiny_ckpt, "--data", same, "--n", "50", "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert result["n"] == 30 and result["min_snr"] == 1.0  # at most the smaller split; the run's own gamma
+    for name in ("plain", "weighted", "plain_noisy_half", "weighted_noisy_half"):
+        assert result["losses"][name]["test_over_train"] == 1.0 and result["losses"][name]["standard_error"] == 0.0
+        assert f"{name}: train " in r.stdout
+    assert result["losses"]["weighted"]["train"] < result["losses"]["plain"]["train"]  # Min-SNR lowers the early steps
 
 
 def test_scale_shift_with_a_silent_embedding_is_the_plain_layer():
