@@ -321,3 +321,20 @@ def test_the_shared_misreads_paragraph_reports_the_study_numbers(root):
     words = {1: "one", 2: "two", 3: "three"}
     assert added[0] == 0 and (f"turns {words[turned[0]]} and {words[turned[1]]} of those samples into the digit asked "
                               f"for, and adds {words[added[1]]} new misread at seed 1" in text)
+
+
+def test_the_heldout_sentence_reports_the_saved_comparisons(root):
+    import json
+    text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
+    cells = []
+    for stem in ("min_snr_1_lr_2e-3_p_uncond_0.05", "embedding_layers_2_ema_0.999"):
+        with open(os.path.join(root, "figures", "mnist_study", f"{stem}_40_epochs_heldout.json")) as f:
+            result = json.load(f)
+        assert result["n"] == 10000 and result["min_snr"] == 1.0
+        cells.append([(f"{result['losses'][k]['test_over_train']:.3f}", f"{result['losses'][k]['standard_error']:.3f}")
+                      for k in ("weighted", "weighted_noisy_half")])
+    (shipped_all, shipped_noisy), (emb2_all, emb2_noisy) = [[f"{r} ({se})" for r, se in c] for c in cells]
+    ratio, se = cells[0][0]
+    assert f"the loss on test digits is {ratio} times that on training digits (standard error {se};" in text
+    assert f"and {shipped_noisy} on the noisy half of the chain" in text
+    assert f"(its repeat below, the 0.999 average) {emb2_all} and {emb2_noisy} (" in text
