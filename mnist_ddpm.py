@@ -1175,12 +1175,14 @@ def noise_errors(model, diffusion, x_0, y, seed, device, progress=None, batch=50
     return torch.cat(ts), torch.cat(errors)
 
 
-def heldout_comparison(t, train, test, diffusion, gamma):
+def heldout_comparison(t, train, test, diffusion, gamma, prediction="eps"):
     """Training against test digits, noised at the same steps t with the same noise (example i of each
-    set): the mean loss of each, plain and Min-SNR weighted (with the run's gamma; None: plain only),
-    over all steps and over the noisy half of the chain (paper steps T/2 + 1 to T), and test / train
-    with its standard error (delta method on the pairs, which share t and noise)."""
-    weight = (torch.ones(diffusion.T) if gamma is None else diffusion.min_snr_weights(gamma))[t]
+    set): the mean loss of each, plain and weighted as the run was trained (Min-SNR with its gamma,
+    and the weight of v for a v-predicting run; eps without gamma: plain), over all steps and over the
+    noisy half of the chain (paper steps T/2 + 1 to T), and test / train with its standard error (delta
+    method on the pairs, which share t and noise)."""
+    plain = gamma is None and prediction == "eps"
+    weight = (torch.ones(diffusion.T) if plain else diffusion.min_snr_weights(gamma, prediction))[t]
     noisy = t >= diffusion.T // 2
     result = {}
     for name, keep, w in (("plain", slice(None), 1.0), ("weighted", slice(None), weight),
@@ -1196,19 +1198,29 @@ def heldout_comparison(t, train, test, diffusion, gamma):
 def cmd_heldout(args, device):
     if args.out:
         utils.ensure_writable_dir(args.out)
+    start = time.perf_counter()
     model, diffusion, ckpt = load_unet(args.checkpoint, args.T, device)
-    gamma = ckpt["train"].get("min_snr")
-    splits = {split: load_mnist(args.data, split) for split in ("train", "test")}
-    n = min(args.n, *(len(images) for images, _ in splits.values()))
-    # the first n test digits, and n training digits drawn at random (that split is not in random order)
-    pick = torch.randperm(len(splits["train"][0]), generator=utils.make_generator(args.seed))[:n]
-    splits = {"train": [a[pick] for a in splits["train"]], "test": [a[:n] for a in splits["test"]]}
-    errors = {}
+    gamma, prediction = ckpt["train"].get("min_snr"), ckpt["model_config"].get("prediction", "eps")
+    trained_on = ckpt["train"].get("data", DEFAULT_DATA)
+    if os.path.abspath(args.data) != os.path.abspath(trained_on):
+        print(f"note: {args.checkpoint} was trained on {trained_on}, not {args.data}: its 'training digits' here "
+              "may be digits it never saw", file=sys.stderr)
+    train, test = load_mnist(args.data, "train"), load_mnist(args.data, "test")
+    seen = min(len(train[0]), ckpt["train"].get("images", len(train[0])))  # --limit N trains on the first N
+    n = min(args.n, seen, len(test[0]))
+    # the first n test digits, and n of the training digits the run saw, drawn at random (that split is
+    # not in random order), with a generator of their own so that the choice is independent of the noise
+    pick = torch.randperm(seen, generator=utils.make_generator(args.seed + 1))[:n]
+    splits = {"train": [a[pick] for a in train], "test": [a[:n] for a in test]}
+    steps, errors = {}, {}
     with tqdm(total=2 * n, desc="noised digits", unit="img", disable=args.quiet) as bar:
         for split, (images, labels) in splits.items():
-            t, errors[split] = noise_errors(model, diffusion, to_model(images), labels, args.seed, device, bar)
+            steps[split], errors[split] = noise_errors(model, diffusion, to_model(images), labels, args.seed, device, bar)
+    assert torch.equal(steps["train"], steps["test"])  # the pairs share their step (and their noise)
     result = {"checkpoint": args.checkpoint, "model": model_fingerprint(ckpt), "n": n, "seed": args.seed,
-              "min_snr": gamma, "losses": heldout_comparison(t, errors["train"], errors["test"], diffusion, gamma)}
+              "min_snr": gamma, "prediction": prediction,
+              "losses": heldout_comparison(steps["train"], errors["train"], errors["test"], diffusion, gamma, prediction),
+              "seconds": round(time.perf_counter() - start, 1)}
     for name, r in result["losses"].items():
         print(f"{name:>19}: train {r['train']:.5f}, test {r['test']:.5f}, "
               f"test / train {r['test_over_train']:.3f} +- {r['standard_error']:.3f}")
@@ -1530,8 +1542,10 @@ def build_parser():
                         "included (with --min-snr GAMMA the weight of the image error is min(1 + SNR, GAMMA)); "
                         "default eps")
     q.add_argument("--dropout", type=utils.fraction, default=0.0, metavar="P",
-                   help="probability of zeroing each feature before the second conv of every residual layer, in "
-                        "training only (default 0: no dropout)")
+                   help="in training only, the probability of zeroing each activation (channel and pixel) entering the "
+                        "second conv of every residual layer; the kept ones are scaled by 1 / (1 - P), the masks "
+                        "come from the generator --seed seeds, and the training loss printed includes them "
+                        "(default 0: no dropout)")
     q.add_argument("--channels", type=utils.positive_int, nargs=4, default=[16, 32, 64, 64], metavar="C",
                    help="features of the four blocks, multiples of 8 (default 16 32 64 64)")
     q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with x_train, y_train, x_test, y_test (default {DEFAULT_DATA})")
@@ -1634,12 +1648,16 @@ def build_parser():
     q.set_defaults(device="cpu")
 
     q = sub.add_parser("heldout", help="the noise loss on test digits against training digits",
-                       description="The noise-prediction loss of --n training digits drawn at random and the first "
-                                   "--n test digits (labels kept), each noised once, the two sets at the same steps with the same "
-                                   "noise: plain and Min-SNR weighted as in training, over all steps and the noisy "
-                                   "half of the chain. A test loss above the training loss is what the model learnt "
-                                   "of its own training digits and not of digits in general.")
-    q.add_argument("--n", type=utils.positive_int, default=10000, help="digits of each split (default 10000, all the test digits)")
+                       description="Does the model know its training digits better than digits in general? The "
+                                   "noise-prediction loss of --n of the training digits the run saw, drawn at random, "
+                                   "and of the first --n test digits, labels always kept, each noised once: example i "
+                                   "of both sets at the same step with the same noise (--seed chooses the digits, the "
+                                   "steps and the noise). Plain, and weighted as the run was trained (Min-SNR), over "
+                                   "all steps and over the noisy half of the chain (paper steps T/2 + 1 to T; with "
+                                   "gamma <= 1 every weight there is 1, so the two agree). A ratio test / train near 1 "
+                                   "means the model does as well on digits it never saw.")
+    q.add_argument("--n", type=utils.positive_int, default=10000,
+                   help="digits of each split, at most the split's size (default 10000, all the test digits)")
     q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with the MNIST arrays (default {DEFAULT_DATA})")
     q.add_argument("--out", default=None, help="also save the numbers here (JSON)")
     common(q)
@@ -1671,6 +1689,8 @@ def parse_args(argv=None):
         p.error(f"--channels {' '.join(map(str, args.channels))}: each must be a multiple of 8 (GroupNorm groups)")
     if args.command == "evaluate" and args.n < 2:
         p.error("--n must be at least 2 (diversity compares pairs of samples)")
+    if args.command == "heldout" and args.n < 2:
+        p.error("--n must be at least 2 (a standard error needs two pairs)")
     if args.command in ("grid", "trajectory") and os.path.splitext(args.out)[1] not in (".png", ".pdf", ".svg"):
         p.error(f"--out {args.out}: the figure must end in .png, .pdf or .svg")
     if args.command in ("evaluate", "heldout") and args.out is not None and not args.out.endswith(".json"):

@@ -372,8 +372,13 @@ def test_ctrl_c_keeps_finished_epochs_and_resume_ends_like_an_uninterrupted_run(
     r = run(root, "train", *settings, "--out", cut, "--resume")
     assert r.returncode == 0, r.stderr
     a, b = torch.load(full, weights_only=True), torch.load(cut, weights_only=True)
+    assert a["model_config"]["dropout"] == 0.1
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["train"]["history"]["loss"] == b["train"]["history"]["loss"]
+    model, _, _ = M.load_unet(str(full))  # sampling from the checkpoint: no dropout
+    x, t, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 3, 6, 9]), torch.tensor([1, 2, 3, -1])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y), model(x, t, y))
     a, b = (torch.load(M.extra_ema_path(str(path), 0.9), weights_only=True) for path in (full, cut))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # the extra average resumes too
 
@@ -458,26 +463,52 @@ def test_heldout_comparison_on_hand_made_errors():
     weights = torch.tensor([w[k] for k in t.tolist()])
     assert r["weighted"]["train"] == pytest.approx((weights * train).mean().item())
     assert r["weighted"]["test_over_train"] == pytest.approx((weights * test).sum().item() / (weights * train).sum().item())
-    # the standard error of the ratio: delta method on the pairs, here against a direct calculation
-    d = test - 1.5 * train
-    assert r["plain"]["standard_error"] == pytest.approx((d.std() / 8 ** 0.5 / 2.0).item())
+    # the standard error of the ratio against the spread of the ratio itself over many simulated pairs of
+    # sets: losses that share a step-dependent level (as pairs sharing t and noise do), test 3% higher
+    gen = torch.Generator().manual_seed(0)
+    ratios, errors = [], []
+    for _ in range(400):
+        t = torch.randint(0, 10, (500,), generator=gen)
+        level = torch.exp(-0.3 * t.float()) * torch.rand(500, generator=gen) * 4
+        train = level * (1 + 0.5 * torch.rand(500, generator=gen))
+        test = 1.03 * level * (1 + 0.5 * torch.rand(500, generator=gen))
+        r = M.heldout_comparison(t, train, test, diffusion, gamma=None)["plain"]
+        ratios.append(r["test_over_train"])
+        errors.append(r["standard_error"])
+    spread, mean_error = torch.tensor(ratios).std().item(), sum(errors) / len(errors)
+    assert abs(mean_error / spread - 1) < 0.15, (mean_error, spread)  # 400 ratios: the spread is known to ~4%
+    assert abs(sum(ratios) / len(ratios) - 1.03) < 3 * spread / 20
 
 
-def test_heldout_of_the_same_digits_is_the_training_loss(root, tiny_ckpt, tmp_path):
+def test_heldout_compares_the_splits_at_the_same_steps_and_noise(root, tiny_ckpt, tmp_path):
     with np.load(os.path.join(root, "data", "mnist.npz"), allow_pickle=False) as f:
-        image, label = f["x_test"][:1], f["y_test"][:1]
+        images, labels = f["x_test"][:2], f["y_test"][:2]
     same = tmp_path / "same.npz"  # both splits one digit, repeated: the two sets are the same noised images
-    np.savez(same, x_train=np.repeat(image, 40, 0), y_train=np.repeat(label, 40), x_test=np.repeat(image, 30, 0),
-             y_test=np.repeat(label, 30))
+    np.savez(same, x_train=np.repeat(images[:1], 40, 0), y_train=np.repeat(labels[:1], 40),
+             x_test=np.repeat(images[:1], 30, 0), y_test=np.repeat(labels[:1], 30))
     out = tmp_path / "heldout.json"
     r = run(root, "heldout", "--checkpoint", tiny_ckpt, "--data", same, "--n", "50", "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
+    assert "was trained on" in r.stderr  # not the data the run trained on: said so
     result = json.loads(out.read_text())
     assert result["n"] == 30 and result["min_snr"] == 1.0  # at most the smaller split; the run's own gamma
     for name in ("plain", "weighted", "plain_noisy_half", "weighted_noisy_half"):
         assert result["losses"][name]["test_over_train"] == 1.0 and result["losses"][name]["standard_error"] == 0.0
         assert f"{name}: train " in r.stdout
     assert result["losses"]["weighted"]["train"] < result["losses"]["plain"]["train"]  # Min-SNR lowers the early steps
+    # one digit for training, another for test: each split's loss is that of its own digit
+    apart = tmp_path / "apart.npz"
+    np.savez(apart, x_train=np.repeat(images[:1], 40, 0), y_train=np.repeat(labels[:1], 40),
+             x_test=np.repeat(images[1:], 30, 0), y_test=np.repeat(labels[1:], 30))
+    r = run(root, "heldout", "--checkpoint", tiny_ckpt, "--data", apart, "--out", out, "--quiet", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())["losses"]["plain"]
+    model, diffusion, _ = M.load_unet(str(tiny_ckpt))
+    for split, k in (("train", 0), ("test", 1)):
+        x = M.to_model(torch.from_numpy(np.repeat(images[k:k + 1], 30, 0)).float()[:, None] / 255)
+        _, errors = M.noise_errors(model, diffusion, x, torch.from_numpy(np.repeat(labels[k:k + 1], 30)).long(), 3, "cpu")
+        assert result[split] == pytest.approx(errors.mean().item(), rel=1e-5)
+    assert result["test_over_train"] != 1.0
 
 
 def test_scale_shift_with_a_silent_embedding_is_the_plain_layer():

@@ -326,11 +326,16 @@ def test_the_shared_misreads_paragraph_reports_the_study_numbers(root):
 def test_the_heldout_sentence_reports_the_saved_comparisons(root):
     import json
     text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
-    cells = []
+    cells, seconds = [], []
     for stem in ("min_snr_1_lr_2e-3_p_uncond_0.05", "embedding_layers_2_ema_0.999"):
         with open(os.path.join(root, "figures", "mnist_study", f"{stem}_40_epochs_heldout.json")) as f:
             result = json.load(f)
-        assert result["n"] == 10000 and result["min_snr"] == 1.0
+        assert result["n"] == 10000 and result["min_snr"] == 1.0 and result["prediction"] == "eps"
+        with open(os.path.join(root, "figures", "mnist_eval.json" if stem.startswith("min_snr") else
+                               f"mnist_study/{stem.replace('ema_0.999', 'min_snr_1_lr_2e-3_p_uncond_0.05')}_40_epochs_eval.json")) as f:
+            scored = json.load(f)["model"]  # the weights scored in the design table (the same run, repeated, for the second)
+        assert result["model"]["final_loss"] == scored["final_loss"], stem
+        seconds.append(f"{result['seconds']:.0f}")
         cells.append([(f"{result['losses'][k]['test_over_train']:.3f}", f"{result['losses'][k]['standard_error']:.3f}")
                       for k in ("weighted", "weighted_noisy_half")])
     (shipped_all, shipped_noisy), (emb2_all, emb2_noisy) = [[f"{r} ({se})" for r, se in c] for c in cells]
@@ -338,3 +343,4 @@ def test_the_heldout_sentence_reports_the_saved_comparisons(root):
     assert f"the loss on test digits is {ratio} times that on training digits (standard error {se};" in text
     assert f"and {shipped_noisy} on the noisy half of the chain" in text
     assert f"(its repeat below, the 0.999 average) {emb2_all} and {emb2_noisy} (" in text
+    assert f"heldout.json`; {seconds[0]} and {seconds[1]} s on 2 cores" in text
