@@ -389,10 +389,6 @@ def cmd_train(args, device):
         utils.restore_training_state(state, model, ema, optimizer, noise=gen, order=order_gen)
         for extra, saved_state in zip(extra_emas, state.get("extra_emas", [])):
             extra.load_state_dict(saved_state)
-        if "global_rng" in state:  # where the dropout masks had got to
-            torch.set_rng_state(state["global_rng"])
-        if "cuda_rng" in state and device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
         epoch, seconds, history = state["epoch"], state["seconds"], state["history"]
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters; {args.epochs} epochs of {steps_per_epoch} "
           f"batches; starting at epoch {epoch + 1}", flush=True)
@@ -445,8 +441,7 @@ def cmd_train(args, device):
                 utils.save_checkpoint(resume_path, {
                     "kind": KIND + "-resume", "model_config": config_dict(config), "run": run,
                     **utils.training_state(model, ema, optimizer, noise=gen, order=order_gen),
-                    "extra_emas": [extra.state_dict() for extra in extra_emas], "global_rng": torch.get_rng_state(),
-                    **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+                    "extra_emas": [extra.state_dict() for extra in extra_emas],
                     "epoch": epoch, "seconds": seconds, "history": history})
             print(f"epoch {epoch}: loss {history['loss'][-1]:.4f}, {seconds:.0f} s so far; wrote {out}", flush=True)
     if epoch < args.epochs:

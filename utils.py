@@ -432,9 +432,14 @@ def train_step(model, ema, optimizer, diffusion, x_0, y, generator, lr, p_uncond
 # ----------------------------------------------------------------------------------
 def training_state(model, ema, optimizer, **generators):
     """Everything an interrupted run needs to go on exactly where it stopped (weights, EMA,
-    optimiser moments and the state of each named random generator)."""
-    return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "generators": {name: g.get_state() for name, g in generators.items()}}
+    optimiser moments, the state of each named random generator, and of torch's global
+    generators, which draw the dropout masks)."""
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+             "generators": {name: g.get_state() for name, g in generators.items()},
+             "global_rng": torch.get_rng_state()}
+    if torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def restore_training_state(state, model, ema, optimizer, **generators):
@@ -445,12 +450,16 @@ def restore_training_state(state, model, ema, optimizer, **generators):
         optimizer.load_state_dict(state["optimizer"])
         for name, g in generators.items():
             g.set_state(state["generators"][name])
+    if "global_rng" in state:  # resume files from before it was kept go on from a fresh state
+        torch.set_rng_state(state["global_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
 def make_generator(seed, device="cpu"):
     """An explicit random generator: every random draw in the project goes through one, except
     initial weights and dropout masks, which come from torch's global generator, seeded by each
-    training command (MNIST training saves its state for --resume)."""
+    training command (training_state keeps its state for --resume)."""
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
