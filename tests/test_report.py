@@ -194,6 +194,10 @@ DESIGN_RUNS = {  # the design table's rows (by configuration) and the evaluation
         "embedding_layers_2_ema_0.9995_40_epochs",
     "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, 2-layer embedding, EMA 0.9998":
         "embedding_layers_2_ema_0.9998_40_epochs",
+    "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, 2-layer embedding, dropout 0.1":
+        "embedding_layers_2_dropout_0.1_40_epochs",
+    "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, 2-layer embedding, dropout 0.1, EMA 0.9998":
+        "embedding_layers_2_dropout_0.1_ema_0.9998_40_epochs",
 }
 
 
@@ -290,7 +294,9 @@ def test_the_shared_misreads_paragraph_reports_the_study_numbers(root):
     averages = {"ema_0.9995_40_epochs", "ema_0.9998_40_epochs"}  # the shipped run's own weights, averaged more slowly
     # and those of a repeat of the two-layer-embedding run: not further trainings either
     repeats = {"embedding_layers_2_ema_0.9995_40_epochs", "embedding_layers_2_ema_0.9998_40_epochs"}
-    later = [run["seeds"] for run in after if run["stem"] not in averages | repeats]
+    # nor is the dropout run's slower average (its own 0.999 one is a further training)
+    later = [run["seeds"] for run in after
+             if run["stem"] not in averages | repeats | {"embedding_layers_2_dropout_0.1_ema_0.9998_40_epochs"}]
     text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
     counts = [[s[seed] for s in later] for seed in (0, 1)]
     pooled = " and ".join(f"{sum(s['also_misread_by_reference'] for s in c)} of {sum(s['misread'] for s in c)} at seed {i}"
@@ -344,3 +350,32 @@ def test_the_heldout_sentence_reports_the_saved_comparisons(root):
     assert f"and {shipped_noisy} on the noisy half of the chain" in text
     assert f"(its repeat below, the 0.999 average) {emb2_all} and {emb2_noisy} (" in text
     assert f"heldout.json`; {seconds[0]} and {seconds[1]} s on 2 cores" in text
+
+
+def test_the_dropout_paragraph_reports_its_evaluations_and_heldout_loss(root):
+    import json
+    text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
+    folder = os.path.join(root, "figures", "mnist_study")
+
+    def scores(stem):  # as asked and Frechet / floor without guidance, seeds 0 and 1
+        found = []
+        for suffix in ("", "_seed1"):
+            with open(os.path.join(folder, f"{stem}_eval{suffix}.json")) as f:
+                ev = json.load(f)
+            e = [e for e in ev["by_w"] if e["w"] == 0.0 and e["sampler"] == "ddpm" and e["steps"] == 200][-1]
+            found.append((f"{100 * e['accuracy']:.1f}%", f"{e['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f}"))
+        return found
+
+    (a0, f0), (a1, f1) = scores("embedding_layers_2_dropout_0.1_40_epochs")
+    (b0, g0), (b1, g1) = scores("embedding_layers_2_dropout_0.1_ema_0.9998_40_epochs")
+    assert (f"its 0.999 average reads {a0} and {a1} as asked (seeds 0 and 1) at {f0} and {f1} times the Frechet "
+            f"floor, and its 0.9998 average {b0} and {b1} at {g0} and {g1}") in text
+    (c0, _), (c1, _) = scores("embedding_layers_2_min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs")
+    (d0, _), (d1, _) = scores("embedding_layers_2_ema_0.9998_40_epochs")
+    assert f"Against the same recipe without dropout ({c0} and {c1}; {d0} and {d1} for the 0.9998 averages)" in text
+    with open(os.path.join(folder, "embedding_layers_2_dropout_0.1_40_epochs_heldout.json")) as f:
+        held = json.load(f)["losses"]
+    w, noisy = held["weighted"], held["weighted_noisy_half"]
+    assert (f"its loss is {w['train']:.5f} on training digits and {w['test']:.5f} on test digits, test / train "
+            f"{w['test_over_train']:.3f} (standard error {w['standard_error']:.3f}) and {noisy['test_over_train']:.3f} "
+            f"({noisy['standard_error']:.3f}) on the noisy half") in text
