@@ -437,8 +437,8 @@ def training_state(model, ema, optimizer, **generators):
     state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
              "generators": {name: g.get_state() for name, g in generators.items()},
              "global_rng": torch.get_rng_state()}
-    if torch.cuda.is_initialized():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_initialized():  # training on a GPU: its generator too (the current device's)
+        state["cuda_rng"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -450,10 +450,10 @@ def restore_training_state(state, model, ema, optimizer, **generators):
         optimizer.load_state_dict(state["optimizer"])
         for name, g in generators.items():
             g.set_state(state["generators"][name])
-    if "global_rng" in state:  # resume files from before it was kept go on from a fresh state
-        torch.set_rng_state(state["global_rng"])
-    if "cuda_rng" in state and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if "global_rng" in state:  # files written before it was kept go on from the state seeding left
+            torch.set_rng_state(state["global_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda_rng"])
 
 
 def make_generator(seed, device="cpu"):

@@ -294,9 +294,9 @@ def test_the_shared_misreads_paragraph_reports_the_study_numbers(root):
     averages = {"ema_0.9995_40_epochs", "ema_0.9998_40_epochs"}  # the shipped run's own weights, averaged more slowly
     # and those of a repeat of the two-layer-embedding run: not further trainings either
     repeats = {"embedding_layers_2_ema_0.9995_40_epochs", "embedding_layers_2_ema_0.9998_40_epochs"}
-    # nor is the dropout run's slower average (its own 0.999 one is a further training)
-    later = [run["seeds"] for run in after
-             if run["stem"] not in averages | repeats | {"embedding_layers_2_dropout_0.1_ema_0.9998_40_epochs"}]
+    # every slower average of a run's weights is named for its decay; the rest are further trainings
+    assert averages | repeats <= {run["stem"] for run in after if "ema_0.999" in run["stem"]}
+    later = [run["seeds"] for run in after if "ema_0.999" not in run["stem"]]
     text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
     counts = [[s[seed] for s in later] for seed in (0, 1)]
     pooled = " and ".join(f"{sum(s['also_misread_by_reference'] for s in c)} of {sum(s['misread'] for s in c)} at seed {i}"
@@ -372,10 +372,36 @@ def test_the_dropout_paragraph_reports_its_evaluations_and_heldout_loss(root):
             f"floor, and its 0.9998 average {b0} and {b1} at {g0} and {g1}") in text
     (c0, _), (c1, _) = scores("embedding_layers_2_min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs")
     (d0, _), (d1, _) = scores("embedding_layers_2_ema_0.9998_40_epochs")
-    assert f"Against the same recipe without dropout ({c0} and {c1}; {d0} and {d1} for the 0.9998 averages)" in text
+    def gap(a, b):  # points between two shares as printed
+        return f"{float(a[:-1]) - float(b[:-1]):+.1f}".replace("+0.0", "0.0")
+
+    assert (f"Against the same recipe without dropout ({c0} and {c1}; {d0} and {d1} for the 0.9998 averages) that is "
+            f"{gap(a0, c0)} and {gap(a1, c1)} points, and {gap(b0, d0)} and {gap(b1, d1)}:") in text
+    with open(os.path.join(root, "figures", "mnist_study.json")) as f:
+        run = {r["stem"]: r for r in json.load(f)["runs"]}["embedding_layers_2_dropout_0.1_40_epochs"]
+    seeds = run["seeds"]
+    assert (f"Of the 0.999 average's {seeds[0]['misread']} and {seeds[1]['misread']} misreads, "
+            f"{seeds[0]['also_misread_by_reference']} and {seeds[1]['also_misread_by_reference']} are the shipped "
+            f"model's too") in text
     with open(os.path.join(folder, "embedding_layers_2_dropout_0.1_40_epochs_heldout.json")) as f:
         held = json.load(f)["losses"]
     w, noisy = held["weighted"], held["weighted_noisy_half"]
     assert (f"its loss is {w['train']:.5f} on training digits and {w['test']:.5f} on test digits, test / train "
             f"{w['test_over_train']:.3f} (standard error {w['standard_error']:.3f}) and {noisy['test_over_train']:.3f} "
             f"({noisy['standard_error']:.3f}) on the noisy half") in text
+
+
+def test_the_study_counts_in_the_prose_follow_the_design_runs(root):
+    import mnist_ddpm
+    text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
+    stems = [stem for stem, _ in mnist_ddpm.DESIGN_RUNS]
+    averages = [stem for stem in stems if "ema_0.999" in stem]  # slower averages of a run's weights, not trainings
+    after = len(stems) - 1 - stems.index(mnist_ddpm.SHIPPED_RUN)
+    words = {17: "seventeen", 18: "eighteen", 19: "nineteen", 20: "twenty", 22: "Twenty-two", 23: "Twenty-three",
+             24: "Twenty-four"}
+    assert f"The {words[after]} models after the shipped one" in text
+    assert (f"{words[len(stems) - len(averages)]} full training runs (22 to 80 epochs; {len(stems)} models with the "
+            f"slower averages of") in text
+    assert f"{len(stems)} models of the study does at one seed or both" in text
+    readme = " ".join(open(os.path.join(root, "README.md"), encoding="utf-8").read().split())
+    assert f"none of the {len(stems)} models of the design study" in readme
