@@ -306,7 +306,7 @@ def test_the_shared_misreads_paragraph_reports_the_study_numbers(root):
                           for i, c in enumerate(counts))
     chance = [s["expected_shared_by_chance"] for c in counts for s in c]
     count = {10: "ten", 11: "eleven", 12: "twelve"}[len(later)]
-    assert f"the {count} runs trained after the shipped one, {pooled}, about half" in text
+    assert f"the {count} different trainings after the shipped one, {pooled}, about half" in text
     own = [" and ".join(f"{s['also_misread_by_reference']} of {s['misread']}" for s in run["seeds"])
            for run in after if run["stem"] in averages]
     assert f"share {own[0]} misreads (0.9995, seeds 0 and 1) and {own[1]} (0.9998)" in text
@@ -400,8 +400,8 @@ def test_the_study_counts_in_the_prose_follow_the_design_runs(root):
     words = {17: "seventeen", 18: "eighteen", 19: "nineteen", 20: "twenty", 22: "Twenty-two", 23: "Twenty-three",
              24: "Twenty-four"}
     assert f"The {words[after]} models after the shipped one" in text
-    assert (f"{words[len(stems) - len(averages)]} full training runs (22 to 80 epochs; {len(stems)} models with the "
-            f"slower averages of") in text
+    assert (f"{words[len(stems) - len(averages)]} different trainings (22 to 80 epochs; {len(stems)} models with the "
+            f"slower averages kept for") in text
     assert f"{len(stems)} models of the study does at one seed or both" in text
     readme = " ".join(open(os.path.join(root, "README.md"), encoding="utf-8").read().split())
     assert f"none of the {len(stems)} models of the design study" in readme
