@@ -386,9 +386,7 @@ def cmd_train(args, device):
         if differ:
             raise utils.UserError(f"{resume_path} was made with other settings ({'; '.join(differ)}); "
                                   "pass the same flags, or rerun without --resume to start again")
-        utils.restore_training_state(state, model, ema, optimizer, noise=gen, order=order_gen)
-        for extra, saved_state in zip(extra_emas, state.get("extra_emas", [])):
-            extra.load_state_dict(saved_state)
+        utils.restore_training_state(state, model, ema, optimizer, extra_emas, noise=gen, order=order_gen)
         epoch, seconds, history = state["epoch"], state["seconds"], state["history"]
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters; {args.epochs} epochs of {steps_per_epoch} "
           f"batches; starting at epoch {epoch + 1}", flush=True)
@@ -440,8 +438,7 @@ def cmd_train(args, device):
             if epoch < args.epochs:
                 utils.save_checkpoint(resume_path, {
                     "kind": KIND + "-resume", "model_config": config_dict(config), "run": run,
-                    **utils.training_state(model, ema, optimizer, noise=gen, order=order_gen),
-                    "extra_emas": [extra.state_dict() for extra in extra_emas],
+                    **utils.training_state(model, ema, optimizer, extra_emas, noise=gen, order=order_gen),
                     "epoch": epoch, "seconds": seconds, "history": history})
             print(f"epoch {epoch}: loss {history['loss'][-1]:.4f}, {seconds:.0f} s so far; wrote {out}", flush=True)
     if epoch < args.epochs:
@@ -1324,6 +1321,8 @@ DESIGN_RUNS = [
     ("embedding_layers_2_ema_0.9998_40_epochs", "2-layer embedding, EMA 0.9998"),
     ("embedding_layers_2_dropout_0.1_40_epochs", "2-layer embedding, dropout 0.1"),
     ("embedding_layers_2_dropout_0.1_ema_0.9998_40_epochs", "2-layer embedding, dropout 0.1, EMA 0.9998"),
+    ("embedding_layers_2_seed_1_40_epochs", "2-layer embedding, training seed 1"),
+    ("embedding_layers_2_ema_0.9998_seed_1_40_epochs", "2-layer embedding, EMA 0.9998, training seed 1"),
 ]
 SHIPPED_RUN = "min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs"
 W0_TARGET = 98.7  # % classified as asked without guidance (issue: the classifier's 99.7% less 1 point)

@@ -430,11 +430,12 @@ def train_step(model, ema, optimizer, diffusion, x_0, y, generator, lr, p_uncond
 # ----------------------------------------------------------------------------------
 # Randomness, devices, files
 # ----------------------------------------------------------------------------------
-def training_state(model, ema, optimizer, **generators):
-    """Everything an interrupted run needs to go on exactly where it stopped (weights, EMA,
-    optimiser moments, the state of each named random generator, and of torch's global
-    generators, which draw the dropout masks)."""
+def training_state(model, ema, optimizer, extra_emas=(), **generators):
+    """Everything an interrupted run needs to go on exactly where it stopped (weights, EMA and any
+    further averages kept beside it, optimiser moments, the state of each named random generator,
+    and of torch's global generators, which draw the dropout masks)."""
     state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+             "extra_emas": [extra.state_dict() for extra in extra_emas],
              "generators": {name: g.get_state() for name, g in generators.items()},
              "global_rng": torch.get_rng_state()}
     if torch.cuda.is_initialized():  # training on a GPU: its generator too (the current device's)
@@ -442,11 +443,13 @@ def training_state(model, ema, optimizer, **generators):
     return state
 
 
-def restore_training_state(state, model, ema, optimizer, **generators):
+def restore_training_state(state, model, ema, optimizer, extra_emas=(), **generators):
     """The inverse of training_state."""
     with checkpoint_format("the resume file"):
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
+        for extra, saved in zip(extra_emas, state.get("extra_emas", []), strict=True):  # none before they were kept
+            extra.load_state_dict(saved)
         optimizer.load_state_dict(state["optimizer"])
         for name, g in generators.items():
             g.set_state(state["generators"][name])

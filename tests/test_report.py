@@ -1,4 +1,6 @@
 """report.py: REPORT.md-style Markdown typeset as a PDF; parts on new pages; one-line errors."""
+import functools
+import json
 import os
 import subprocess
 import sys
@@ -162,6 +164,29 @@ def test_a_code_span_is_not_broken_inside_a_word(tmp_path, monkeypatch):
     assert any(at_margin < 0.01 for _, _, at_margin in starts)  # some did have to move to a new line
 
 
+def scored_at(ev, w):
+    """The study's setting in an evaluation: 100 samples per digit, DDPM with 200 steps, at w (None if not run)."""
+    assert ev["n_per_digit"] == 100
+    found = [e for e in ev["by_w"] if e["w"] == w and e["sampler"] == "ddpm" and e["steps"] == 200]
+    return found[-1] if found else None
+
+
+def unguided_scores(folder, stem):
+    """As asked and Frechet / floor without guidance at sampling seeds 0 and 1, as the report prints them."""
+    found = []
+    for suffix in ("", "_seed1"):
+        with open(os.path.join(folder, f"{stem}_eval{suffix}.json")) as f:
+            ev = json.load(f)
+        e = scored_at(ev, 0.0)
+        found.append((f"{100 * e['accuracy']:.1f}%", f"{e['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f}"))
+    return found
+
+
+def gap(a, b):
+    """Points between two shares as printed ("98.1%", "98.7%" -> "-0.6")."""
+    return f"{float(a[:-1]) - float(b[:-1]):+.1f}".replace("+0.0", "0.0")
+
+
 DESIGN_RUNS = {  # the design table's rows (by configuration) and the evaluations they report
     "bias (first model)": "bias_22_epochs",
     "scale-shift": "scale_shift_24_epochs",
@@ -198,11 +223,14 @@ DESIGN_RUNS = {  # the design table's rows (by configuration) and the evaluation
         "embedding_layers_2_dropout_0.1_40_epochs",
     "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, 2-layer embedding, dropout 0.1, EMA 0.9998":
         "embedding_layers_2_dropout_0.1_ema_0.9998_40_epochs",
+    "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, 2-layer embedding, training seed 1":
+        "embedding_layers_2_seed_1_40_epochs",
+    "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, 2-layer embedding, EMA 0.9998, training seed 1":
+        "embedding_layers_2_ema_0.9998_seed_1_40_epochs",
 }
 
 
 def test_the_design_table_reports_what_the_evaluations_measured(root):
-    import json
     text = open(os.path.join(root, "REPORT.md"), encoding="utf-8").read()
     rows = {}
     for line in text[text.index("| configuration | parameters |"):].splitlines()[2:]:
@@ -219,18 +247,13 @@ def test_the_design_table_reports_what_the_evaluations_measured(root):
         with open(os.path.join(root, "figures", path)) as f:
             return json.load(f)
 
-    def entry(ev, w):  # the table's setting: 100 per digit, DDPM with 200 steps
-        assert ev["n_per_digit"] == 100
-        found = [e for e in ev["by_w"] if e["w"] == w and e["sampler"] == "ddpm" and e["steps"] == 200]
-        return found[-1] if found else None
-
     shipped = load("mnist_eval.json")
     for name, stem in DESIGN_RUNS.items():
         accuracy, distance = [], []
         for seed, suffix in ((0, ""), (1, "_seed1")):
             ev = load(f"mnist_study/{stem}_eval{suffix}.json")
             assert ev["seed"] == seed
-            e = entry(ev, 0.0)
+            e = scored_at(ev, 0.0)
             accuracy.append(f"{100 * e['accuracy']:.1f}%" if e else "not run")
             distance.append(f"{e['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f}" if e else "not run")
         assert rows[name][4:6] == [" / ".join(accuracy), " / ".join(distance)], name
@@ -238,7 +261,7 @@ def test_the_design_table_reports_what_the_evaluations_measured(root):
         if name.endswith("(shipped)"):  # the model in checkpoints/mnist_T200.pt, evaluated in figures/mnist_eval.json
             assert shipped["model"] == ev["model"]
             ev = shipped
-        e = entry(ev, 0.4)
+        e = scored_at(ev, 0.4)
         guided = "not evaluated" if e is None else (
             f"{100 * e['accuracy']:.1f}% / {e['frechet_distance']:.1f} "
             f"({e['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f}) / {100 * e['diversity_ratio']:.0f}%")
@@ -247,7 +270,6 @@ def test_the_design_table_reports_what_the_evaluations_measured(root):
 
 def test_the_guided_steps_table_reports_what_the_evaluations_measured(root):
     # each row: steps guided, w -> the evaluations (no step or all 200 guided: the shipped model's own)
-    import json
     text = open(os.path.join(root, "REPORT.md"), encoding="utf-8").read()
     lines = text[text.index("| guided steps (t from 200 down to) |"):].splitlines()[2:]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[:next(
@@ -261,11 +283,10 @@ def test_the_guided_steps_table_reports_what_the_evaluations_measured(root):
                 ev = json.load(f)
         except FileNotFoundError:
             return "not run"
-        assert ev["n_per_digit"] == 100 and ev.get("guided_steps") == guided_steps
-        found = [e for e in ev["by_w"] if e["w"] == w and e["sampler"] == "ddpm" and e["steps"] == 200]
-        if not found:
+        assert ev.get("guided_steps") == guided_steps
+        e = scored_at(ev, w)
+        if e is None:
             return "not run"
-        e = found[-1]
         return (f"{100 * e['accuracy']:.1f}% / {e['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f} / "
                 f"{100 * e['diversity_ratio']:.0f}%")
 
@@ -279,7 +300,6 @@ def test_the_guided_steps_table_reports_what_the_evaluations_measured(root):
 
 
 def test_the_shared_misreads_paragraph_reports_the_study_numbers(root):
-    import json
     import mnist_ddpm
     with open(os.path.join(root, "figures", "mnist_study.json")) as f:
         numbers = json.load(f)
@@ -305,7 +325,7 @@ def test_the_shared_misreads_paragraph_reports_the_study_numbers(root):
                           f"{max(s['also_misread_by_reference'] for s in c)}" + (" per run" if i == 0 else "") + f" at seed {i}"
                           for i, c in enumerate(counts))
     chance = [s["expected_shared_by_chance"] for c in counts for s in c]
-    count = {10: "ten", 11: "eleven", 12: "twelve"}[len(later)]
+    count = {11: "eleven", 12: "twelve", 13: "thirteen", 14: "fourteen"}[len(later)]
     assert f"the {count} different trainings after the shipped one, {pooled}, about half" in text
     own = [" and ".join(f"{s['also_misread_by_reference']} of {s['misread']}" for s in run["seeds"])
            for run in after if run["stem"] in averages]
@@ -330,7 +350,6 @@ def test_the_shared_misreads_paragraph_reports_the_study_numbers(root):
 
 
 def test_the_heldout_sentence_reports_the_saved_comparisons(root):
-    import json
     text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
     cells, seconds = [], []
     for stem in ("min_snr_1_lr_2e-3_p_uncond_0.05", "embedding_layers_2_ema_0.999"):
@@ -353,28 +372,15 @@ def test_the_heldout_sentence_reports_the_saved_comparisons(root):
 
 
 def test_the_dropout_paragraph_reports_its_evaluations_and_heldout_loss(root):
-    import json
     text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
     folder = os.path.join(root, "figures", "mnist_study")
-
-    def scores(stem):  # as asked and Frechet / floor without guidance, seeds 0 and 1
-        found = []
-        for suffix in ("", "_seed1"):
-            with open(os.path.join(folder, f"{stem}_eval{suffix}.json")) as f:
-                ev = json.load(f)
-            e = [e for e in ev["by_w"] if e["w"] == 0.0 and e["sampler"] == "ddpm" and e["steps"] == 200][-1]
-            found.append((f"{100 * e['accuracy']:.1f}%", f"{e['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f}"))
-        return found
-
+    scores = functools.partial(unguided_scores, folder)
     (a0, f0), (a1, f1) = scores("embedding_layers_2_dropout_0.1_40_epochs")
     (b0, g0), (b1, g1) = scores("embedding_layers_2_dropout_0.1_ema_0.9998_40_epochs")
     assert (f"its 0.999 average reads {a0} and {a1} as asked (seeds 0 and 1) at {f0} and {f1} times the Frechet "
             f"floor, and its 0.9998 average {b0} and {b1} at {g0} and {g1}") in text
     (c0, _), (c1, _) = scores("embedding_layers_2_min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs")
     (d0, _), (d1, _) = scores("embedding_layers_2_ema_0.9998_40_epochs")
-    def gap(a, b):  # points between two shares as printed
-        return f"{float(a[:-1]) - float(b[:-1]):+.1f}".replace("+0.0", "0.0")
-
     assert (f"Against the same recipe without dropout ({c0} and {c1}; {d0} and {d1} for the 0.9998 averages) that is "
             f"{gap(a0, c0)} and {gap(a1, c1)} points, and {gap(b0, d0)} and {gap(b1, d1)}:") in text
     with open(os.path.join(root, "figures", "mnist_study.json")) as f:
@@ -405,3 +411,45 @@ def test_the_study_counts_in_the_prose_follow_the_design_runs(root):
     assert f"{len(stems)} models of the study does at one seed or both" in text
     readme = " ".join(open(os.path.join(root, "README.md"), encoding="utf-8").read().split())
     assert f"none of the {len(stems)} models of the design study" in readme
+
+
+def test_the_second_training_of_the_two_layer_embedding_is_reported_from_its_evaluations(root):
+    import mnist_ddpm
+    text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
+    folder = os.path.join(root, "figures", "mnist_study")
+    scores = functools.partial(unguided_scores, folder)
+    first, first_slow = "embedding_layers_2_min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs", "embedding_layers_2_ema_0.9998_40_epochs"
+    second, second_slow = "embedding_layers_2_seed_1_40_epochs", "embedding_layers_2_ema_0.9998_seed_1_40_epochs"
+    (a0, f0), (a1, f1) = scores(second)
+    (b0, g0), (b1, g1) = scores(second_slow)
+    assert (f"its 0.999 average reads {a0} and {a1} as asked (seeds 0 and 1) at {f0} and {f1} times the Frechet "
+            f"floor, and its 0.9998 average {b0} and {b1} at {g0} and {g1}") in text
+    (c0, _), (c1, _) = scores(first)
+    (d0, _), (d1, _) = scores(first_slow)
+    assert (f"Against the first training that is {gap(a0, c0)} and {gap(a1, c1)} points, and {gap(b0, d0)} and "
+            f"{gap(b1, d1)} for the 0.9998 averages") in text
+
+    def pooled(*stems):  # % as asked over both trainings and both sampling seeds, 1,000 samples each
+        shares = []
+        for stem in stems:
+            for suffix in ("", "_seed1"):
+                with open(os.path.join(folder, f"{stem}_eval{suffix}.json")) as f:
+                    shares.append(100 * scored_at(json.load(f), 0.0)["accuracy"])
+        return sum(shares) / len(shares)
+
+    def short(share):
+        return f"{share:.2f}".rstrip("0").rstrip(".")
+
+    shipped = pooled(mnist_ddpm.SHIPPED_RUN, "min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs_seed_1")
+    assert (f"the two-layer embedding reads {short(pooled(first, second))}% with the 0.999 average and "
+            f"{short(pooled(first_slow, second_slow))}% with the 0.9998 one, and the shipped recipe, pooled the "
+            f"same way, {shipped:.1f}%") in text
+    # misreads shared with the first training and with the shipped model, from the same noise
+    points = mnist_ddpm.design_points(folder)
+    runs = [stem for stem, _ in mnist_ddpm.DESIGN_RUNS]
+    new, old, ship = (points[runs.index(stem)] for stem in (second, first, mnist_ddpm.SHIPPED_RUN))
+    assert (f"Of the 0.999 average's {len(new[0].misread)} and {len(new[1].misread)} misreads, "
+            f"{len(new[0].misread & old[0].misread)} and {len(new[1].misread & old[1].misread)} are misreads of the "
+            f"first training too (of its {len(old[0].misread)} and {len(old[1].misread)}), and "
+            f"{len(new[0].misread & ship[0].misread)} and {len(new[1].misread & ship[1].misread)} the shipped "
+            f"model's") in text
