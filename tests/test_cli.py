@@ -1,4 +1,5 @@
-"""train.py and visualize.py run end to end as a user runs them, on a tiny budget."""
+"""train.py and visualize.py end to end on a tiny budget: the tiny model is trained in a new
+interpreter, as a user runs it; the other command lines run inside the test process (conftest.run_script)."""
 import argparse
 import os
 import signal
@@ -10,10 +11,18 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_script
+
 TINY = ["--steps", "60", "--batch-size", "64", "--channels", "8", "32", "--log-every", "20", "--quiet"]
 
 
-def run(root, script, *args, timeout=120):
+def run(root, script, *args):
+    """The script with these arguments, inside this process (conftest.run_script)."""
+    return run_script(script, *args)
+
+
+def run_real(root, script, *args, timeout=120):
+    """The same in a new interpreter, as a user runs it."""
     return subprocess.run([sys.executable, os.path.join(root, script), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, cwd=root)
 
@@ -21,7 +30,7 @@ def run(root, script, *args, timeout=120):
 @pytest.fixture(scope="module")
 def tiny_ckpt(root, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny_T4.pt"
-    r = run(root, "train.py", "--T", 4, *TINY, "--out", path)
+    r = run_real(root, "train.py", "--T", 4, *TINY, "--out", path)
     assert r.returncode == 0, r.stderr
     return path
 
@@ -68,7 +77,7 @@ def test_every_flag_of_every_script_has_help_and_seed_and_device_exist(root):
     for module in (train, visualize, mnist_ddpm):
         flags = {f for a in all_actions(module.build_parser()) for f in a.option_strings}
         assert {"--seed", "--device"} <= flags
-    r = run(root, "train.py", "--help")
+    r = run_real(root, "train.py", "--help")
     assert r.returncode == 0 and "--p-uncond" in r.stdout
 
 

@@ -1,19 +1,16 @@
 """Inpainting one pixel given the other: the exact conditional, the samplers, the command line."""
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 
+from conftest import run_script
 import utils
 from gmm import TwoPixelGMM
 
 
-def run(root, *args, timeout=300):
-    return subprocess.run([sys.executable, os.path.join(root, "visualize.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=root)
+def run(root, *args):
+    """visualize.py with these arguments, inside this process (conftest.run_script)."""
+    return run_script("visualize.py", *args)
 
 
 @pytest.mark.parametrize("known, v", [(0, 0.35), (0, 0.55), (1, 0.55), (1, 0.2)])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_script
 import mnist_ddpm as M
 import utils
 from ddpm import StepAndClassEmbedding
@@ -18,7 +19,13 @@ from ddpm import StepAndClassEmbedding
 TINY_MODEL = ["--T", "10", "--batch-size", "32", "--channels", "8", "8", "16", "16", "--quiet"]
 
 
-def run(root, *args, timeout=300):
+def run(root, *args):
+    """mnist_ddpm.py with these arguments, inside this process (conftest.run_script)."""
+    return run_script("mnist_ddpm.py", *args)
+
+
+def run_real(root, *args, timeout=300):
+    """The same in a new interpreter, as a user runs it."""
     return subprocess.run([sys.executable, os.path.join(root, "mnist_ddpm.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, cwd=root)
 
@@ -37,7 +44,7 @@ def small_data(root, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_ckpt(root, small_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("mnist") / "tiny.pt"
-    r = run(root, "train", *TINY_MODEL, "--epochs", 3, "--data", small_data, "--out", out)
+    r = run_real(root, "train", *TINY_MODEL, "--epochs", 3, "--data", small_data, "--out", out)
     assert r.returncode == 0, r.stderr
     # --precision auto (the default) says what it chose and why
     precision, why = utils.resolve_precision("auto", torch.device("cpu"))
@@ -48,7 +55,7 @@ def tiny_ckpt(root, small_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_clf(root, small_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("clf") / "clf.pt"
-    r = run(root, "classifier", "--epochs", 1, "--data", small_data, "--out", out, "--quiet")
+    r = run_real(root, "classifier", "--epochs", 1, "--data", small_data, "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
     return out
 

@@ -1,6 +1,4 @@
 """A short training run learns: its validation loss falls toward the oracle floor."""
-import argparse
-
 import torch
 
 import train

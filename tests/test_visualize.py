@@ -6,8 +6,16 @@ import sys
 
 import pytest
 
+from conftest import run_script
 
-def run(root, script, *args, timeout=300):
+
+def run(root, script, *args):
+    """The script with these arguments, inside this process (conftest.run_script)."""
+    return run_script(script, *args)
+
+
+def run_real(root, script, *args, timeout=300):
+    """The same in a new interpreter, as a user runs it."""
     return subprocess.run([sys.executable, os.path.join(root, script), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, cwd=root)
 
@@ -15,13 +23,13 @@ def run(root, script, *args, timeout=300):
 @pytest.fixture(scope="module")
 def tiny_dir(root, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_ckpts")
-    r = run(root, "train.py", "--T", 5, 10, 25, 50, 200, "--steps", 30, "--batch-size", 64, "--channels", 8, 32,
+    r = run_real(root, "train.py", "--T", 5, 10, 25, 50, 200, "--steps", 30, "--batch-size", 64, "--channels", 8, 32,
             "--log-every", 10, "--quiet", "--checkpoint-dir", folder)
     assert r.returncode == 0, r.stderr
-    r = run(root, "train.py", "--T", 5, 10, 25, 50, "--schedule", "linear", "--steps", 30, "--batch-size", 64,
+    r = run_real(root, "train.py", "--T", 5, 10, 25, 50, "--schedule", "linear", "--steps", 30, "--batch-size", 64,
             "--channels", 8, 32, "--log-every", 10, "--quiet", "--checkpoint-dir", folder / "linear")
     assert r.returncode == 0, r.stderr
-    r = run(root, "classifier_guidance.py", "--T", 50, "--steps", 30, "--quiet", "--out", folder / "twopixel_classifier_T50.pt")
+    r = run_real(root, "classifier_guidance.py", "--T", 50, "--steps", 30, "--quiet", "--out", folder / "twopixel_classifier_T50.pt")
     assert r.returncode == 0, r.stderr
     return folder
 
