@@ -1413,7 +1413,7 @@ def cmd_study(args, device):
     shared = shared_misreads(points)
     rows = np.arange(len(DESIGN_RUNS))[::-1]  # the first run at the top
     legend_rows = 3  # empty rows below the last run, where the legends go, so that they cover no point
-    fig, (acc, dist, wrong) = plt.subplots(1, 3, figsize=(10.4, 0.27 * (len(rows) + legend_rows) + 1.3), sharey=True,
+    fig, (acc, dist, wrong) = plt.subplots(1, 3, figsize=(8.4, 0.23 * (len(rows) + legend_rows) + 1.4), sharey=True,
                                            gridspec_kw={"width_ratios": [1.6, 1, 0.9]})
     shipped = rows[design_run_index(SHIPPED_RUN)]
     for seed, (marker, offset) in enumerate((("o", 0.14), ("s", -0.14))):
@@ -1436,22 +1436,22 @@ def cmd_study(args, device):
     if len(real) == 1:  # every evaluation compared with the same real test digits
         real = real.pop()
         acc.axvline(real, color="k", ls="--", lw=1, label=f"real test digits {real:.1f}%")
-    dist.axvline(1.0, color="k", ls="--", lw=1, label="floor (real train vs test)")
+    dist.axvline(1.0, color="k", ls="--", lw=1, label="floor (real\ntrain vs test)")
     dist.axvline(1.15, color="grey", ls=":", lw=1, label="target 1.15")
-    acc.set_yticks(rows, [name for _, name in DESIGN_RUNS], fontsize=7.5)
+    acc.set_yticks(rows, [name for _, name in DESIGN_RUNS], fontsize=8.5)
     acc.set_ylim(-0.6 - legend_rows, len(rows) - 0.4)
-    acc.set_xlabel("classified as asked (%), with one standard error")
+    acc.set_xlabel("classified as asked (%),\nwith one standard error", fontsize=9)
     dist.margins(x=0.1)  # room for the markers at either end
-    dist.set_xlabel("Frechet distance / floor")
-    wrong.set_xlabel("samples misread, of 1,000\n(dark: also by the shipped model)")
+    dist.set_xlabel("Frechet distance\nover its floor", fontsize=9)
+    wrong.set_xlabel("misread, of 1,000 (dark:\nalso by the shipped model)", fontsize=9)
     unkept = [r for r, row in zip(rows, shared) if row == [None, None]]
     if unkept:  # evaluations from before the misread samples were kept
         wrong.text(0.5, np.mean(unkept), "misread samples\nnot kept", transform=wrong.get_yaxis_transform(), ha="center",
                    va="center", fontsize=7.5, color="0.4")
     acc.legend(fontsize=7, loc="lower left")
     dist.legend(fontsize=7, loc="lower right")
-    fig.suptitle("MNIST design study: each run's samples without guidance (100 per digit, DDPM 200 steps; "
-                 "shaded: the shipped model)", fontsize=9)
+    fig.suptitle("MNIST design study: each run's samples without guidance\n(100 per digit, DDPM 200 steps; "
+                 "shaded: the shipped model)", fontsize=10)
     fig.tight_layout()
     utils.save_figure(fig, args.out)
     numbers = os.path.splitext(args.out)[0] + ".json"

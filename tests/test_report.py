@@ -2,6 +2,7 @@
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -331,7 +332,7 @@ def test_the_shared_misreads_paragraph_reports_the_study_numbers(root):
            for run in after if run["stem"] in averages]
     assert f"share {own[0]} misreads (0.9995, seeds 0 and 1) and {own[1]} (0.9998)" in text
     assert f": {ranges}, " in text
-    assert f"would share {min(chance):.1f} to {max(chance):.1f}." in text
+    assert f"would share {min(chance):.1f} to {max(chance):.1f} of them with the shipped model." in text
     # the two-layer-embedding run's slower averages against its own 0.999 average, from the same noise
     folder = os.path.join(root, "figures", "mnist_study")
     base, slower, slowest = (mnist_ddpm.design_points(folder)[[stem for stem, _ in mnist_ddpm.DESIGN_RUNS].index(stem)]
@@ -367,7 +368,7 @@ def test_the_heldout_sentence_reports_the_saved_comparisons(root):
     ratio, se = cells[0][0]
     assert f"the loss on test digits is {ratio} times that on training digits (standard error {se};" in text
     assert f"and {shipped_noisy} on the noisy half of the chain" in text
-    assert f"(its repeat below, the 0.999 average) {emb2_all} and {emb2_noisy} (" in text
+    assert f"(the 0.999 average of its exact repeat, below) {emb2_all} and {emb2_noisy} (" in text
     assert f"heldout.json`; {seconds[0]} and {seconds[1]} s on 2 cores" in text
 
 
@@ -403,11 +404,13 @@ def test_the_study_counts_in_the_prose_follow_the_design_runs(root):
     stems = [stem for stem, _ in mnist_ddpm.DESIGN_RUNS]
     averages = [stem for stem in stems if "ema_0.999" in stem]  # slower averages of a run's weights, not trainings
     after = len(stems) - 1 - stems.index(mnist_ddpm.SHIPPED_RUN)
-    words = {17: "seventeen", 18: "eighteen", 19: "nineteen", 20: "twenty", 22: "Twenty-two", 23: "Twenty-three",
-             24: "Twenty-four"}
+    averaged = {re.sub(r"_?ema_0[.]999[0-9]*", "", stem) for stem in averages}  # the trainings that kept them
+    words = {3: "three", 4: "four", 5: "five", 17: "seventeen", 18: "eighteen", 19: "nineteen", 20: "twenty",
+             22: "Twenty-two", 23: "Twenty-three", 24: "Twenty-four"}
     assert f"The {words[after]} models after the shipped one" in text
-    assert (f"{words[len(stems) - len(averages)]} different trainings (22 to 80 epochs; {len(stems)} models with the "
-            f"slower averages kept for") in text
+    assert (f"{words[len(stems) - len(averages)]} different trainings (22 to 80 epochs), with the slower averages "
+            f"kept for {words[len(averaged)]} of them {len(stems)} "
+            f"models in all") in text
     assert f"{len(stems)} models of the study does at one seed or both" in text
     readme = " ".join(open(os.path.join(root, "README.md"), encoding="utf-8").read().split())
     assert f"none of the {len(stems)} models of the design study" in readme
@@ -437,13 +440,11 @@ def test_the_second_training_of_the_two_layer_embedding_is_reported_from_its_eva
                     shares.append(100 * scored_at(json.load(f), 0.0)["accuracy"])
         return sum(shares) / len(shares)
 
-    def short(share):
-        return f"{share:.2f}".rstrip("0").rstrip(".")
-
     shipped = pooled(mnist_ddpm.SHIPPED_RUN, "min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs_seed_1")
-    assert (f"the two-layer embedding reads {short(pooled(first, second))}% with the 0.999 average and "
-            f"{short(pooled(first_slow, second_slow))}% with the 0.9998 one, and the shipped recipe, pooled the "
-            f"same way, {shipped:.1f}%") in text
+    assert (f"the 0.999 averages of the two-layer embedding read {pooled(first, second):.2f}%, as those of the "
+            f"shipped recipe do ({shipped:.2f}%); its 0.9998 averages read {pooled(first_slow, second_slow):.2f}%, "
+            f"against {pooled('ema_0.9998_40_epochs'):.2f}% for the one training of the shipped recipe that kept "
+            f"that average") in text
     # misreads shared with the first training and with the shipped model, from the same noise
     points = mnist_ddpm.design_points(folder)
     runs = [stem for stem, _ in mnist_ddpm.DESIGN_RUNS]
