@@ -409,7 +409,7 @@ def test_the_study_counts_in_the_prose_follow_the_design_runs(root):
              22: "Twenty-two", 23: "Twenty-three", 24: "Twenty-four"}
     assert f"The {words[after]} models after the shipped one" in text
     assert (f"{words[len(stems) - len(averages)]} different trainings (22 to 80 epochs), with the slower averages "
-            f"kept for {words[len(averaged)]} of them {len(stems)} "
+            f"kept for {words[len(averaged)]} of them, {len(stems)} "
             f"models in all") in text
     assert f"{len(stems)} models of the study does at one seed or both" in text
     readme = " ".join(open(os.path.join(root, "README.md"), encoding="utf-8").read().split())
