@@ -448,7 +448,9 @@ def restore_training_state(state, model, ema, optimizer, extra_emas=(), **genera
     with checkpoint_format("the resume file"):
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
-        for extra, saved in zip(extra_emas, state.get("extra_emas", []), strict=True):  # none before they were kept
+        # files written before the further averages were kept here have none (the MNIST command
+        # refuses to resume with --extra-ema a file that was not written with it)
+        for extra, saved in zip(extra_emas, state.get("extra_emas", []), strict=True):
             extra.load_state_dict(saved)
         optimizer.load_state_dict(state["optimizer"])
         for name, g in generators.items():

@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script
+from helpers import run_script
 import utils
 from gmm import TwoPixelGMM
 
 
-def run(root, *args):
-    """visualize.py with these arguments, inside this process (conftest.run_script)."""
+def run(*args):
+    """visualize.py with these arguments, inside this process (tests/helpers.py)."""
     return run_script("visualize.py", *args)
 
 
@@ -83,12 +83,12 @@ def test_replacement_keeps_the_known_pixel_and_repaint_corrects_its_bias():
 
 def test_samples_known_left_writes_the_exact_value(root, tmp_path):
     out = tmp_path / "s.npy"
-    r = run(root, "--task", "samples", "--T", 50, "--n", 64, "--seed", 3, "--known-left", 0.35, "--out", out)
+    r = run("--task", "samples", "--T", 50, "--n", 64, "--seed", 3, "--known-left", 0.35, "--out", out)
     assert r.returncode == 0, r.stderr
     x = np.load(out, allow_pickle=False)
     assert x.shape == (64, 2) and x.dtype == np.float32 and (x[:, 0] == np.float32(0.35)).all()
     assert x[:, 1].std() > 0.03  # the other pixel is drawn, not fixed
-    r = run(root, "--task", "samples", "--T", 50, "--n", 16, "--known-right", 0.2, "--inpaint", "repaint",
+    r = run("--task", "samples", "--T", 50, "--n", 16, "--known-right", 0.2, "--inpaint", "repaint",
             "--resample", 2, "--jump", 3, "--out", out)
     assert r.returncode == 0, r.stderr
     assert (np.load(out)[:, 1] == np.float32(0.2)).all()
@@ -96,5 +96,5 @@ def test_samples_known_left_writes_the_exact_value(root, tmp_path):
                          (["--inpaint", "repaint"], "need --known-left"),
                          (["--known-left", 0.3, "--resample", 3], "repaint only"),
                          (["--known-left", "nan"], "finite")):
-        r = run(root, "--task", "samples", *args, "--out", out)
+        r = run("--task", "samples", *args, "--out", out)
         assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script
+from helpers import run_real, run_script
 import mnist_ddpm as M
 import utils
 from ddpm import StepAndClassEmbedding
@@ -19,15 +19,9 @@ from ddpm import StepAndClassEmbedding
 TINY_MODEL = ["--T", "10", "--batch-size", "32", "--channels", "8", "8", "16", "16", "--quiet"]
 
 
-def run(root, *args):
-    """mnist_ddpm.py with these arguments, inside this process (conftest.run_script)."""
+def run(*args):
+    """mnist_ddpm.py with these arguments, inside this process (tests/helpers.py)."""
     return run_script("mnist_ddpm.py", *args)
-
-
-def run_real(root, *args, timeout=300):
-    """The same in a new interpreter, as a user runs it."""
-    return subprocess.run([sys.executable, os.path.join(root, "mnist_ddpm.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=root)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +38,7 @@ def small_data(root, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_ckpt(root, small_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("mnist") / "tiny.pt"
-    r = run_real(root, "train", *TINY_MODEL, "--epochs", 3, "--data", small_data, "--out", out)
+    r = run_real("mnist_ddpm.py", "train", *TINY_MODEL, "--epochs", 3, "--data", small_data, "--out", out)
     assert r.returncode == 0, r.stderr
     # --precision auto (the default) says what it chose and why
     precision, why = utils.resolve_precision("auto", torch.device("cpu"))
@@ -55,7 +49,7 @@ def tiny_ckpt(root, small_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_clf(root, small_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("clf") / "clf.pt"
-    r = run_real(root, "classifier", "--epochs", 1, "--data", small_data, "--out", out, "--quiet")
+    r = run_real("mnist_ddpm.py", "classifier", "--epochs", 1, "--data", small_data, "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
     return out
 
@@ -172,7 +166,7 @@ def test_a_bfloat16_step_matches_the_float32_step_and_keeps_float32_weights():
 def test_sample_writes_the_contracted_array_and_repeats(root, tiny_ckpt, tmp_path):
     a, b = tmp_path / "a.npy", tmp_path / "b.npy"
     for out in (a, b):
-        r = run(root, "sample", "--checkpoint", tiny_ckpt, "--label", 7, "--n", 5, "--w", 1.5, "--seed", 2, "--out", out, "--quiet")
+        r = run("sample", "--checkpoint", tiny_ckpt, "--label", 7, "--n", 5, "--w", 1.5, "--seed", 2, "--out", out, "--quiet")
         assert r.returncode == 0, r.stderr
     x = np.load(a, allow_pickle=False)
     assert x.shape == (5, 28, 28) and x.dtype == np.float32 and x.min() >= 0 and x.max() <= 1
@@ -180,20 +174,20 @@ def test_sample_writes_the_contracted_array_and_repeats(root, tiny_ckpt, tmp_pat
 
 
 def test_grid_trajectory_animate_and_evaluate_write_their_files(root, tiny_ckpt, tiny_clf, small_data, tmp_path):
-    r = run(root, "grid", "--checkpoint", tiny_ckpt, "--ws", 0, 2, "--out", tmp_path / "mnist_grid.png", "--quiet")
+    r = run("grid", "--checkpoint", tiny_ckpt, "--ws", 0, 2, "--out", tmp_path / "mnist_grid.png", "--quiet")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "mnist_grid.png").exists() and (tmp_path / "mnist_grid_w.png").exists()
-    r = run(root, "trajectory", "--checkpoint", tiny_ckpt, "--n", 6, "--out", tmp_path / "mnist_trajectory.png", "--quiet")
+    r = run("trajectory", "--checkpoint", tiny_ckpt, "--n", 6, "--out", tmp_path / "mnist_trajectory.png", "--quiet")
     assert r.returncode == 0, r.stderr
     stats = json.loads((tmp_path / "mnist_formation.json").read_text())
     share = stats["share_settled_all"]
     assert len(share) == 11 and all(a >= b for a, b in zip(share, share[1:]))  # [t]: settled at step t or earlier
     assert (tmp_path / "mnist_formation.png").exists() and (tmp_path / "mnist_trajectory.png").exists()
-    r = run(root, "animate", "--checkpoint", tiny_ckpt, "--out", tmp_path / "forming.gif", "--quiet")
+    r = run("animate", "--checkpoint", tiny_ckpt, "--out", tmp_path / "forming.gif", "--quiet")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "forming.gif").read_bytes()[:6] == b"GIF89a"
     (tmp_path / "eval.json").write_text("[]")  # not results of this command: replaced, not an error
-    r = run(root, "evaluate", "--checkpoint", tiny_ckpt, "--classifier", tiny_clf, "--data", small_data, "--n", 4,
+    r = run("evaluate", "--checkpoint", tiny_ckpt, "--classifier", tiny_clf, "--data", small_data, "--n", 4,
             "--ws", 0, 1, "--out", tmp_path / "eval.json", "--quiet")
     assert r.returncode == 0, r.stderr
     assert "will be replaced" in r.stdout
@@ -214,7 +208,7 @@ def test_grid_trajectory_animate_and_evaluate_write_their_files(root, tiny_ckpt,
     with torch.no_grad():
         assert ev["real_test_accuracy"] == pytest.approx((model(test_x).argmax(1) == test_y).float().mean().item())
     # a second run into the same file keeps w = 1 and samples only the new settings
-    r = run(root, "evaluate", "--checkpoint", tiny_ckpt, "--classifier", tiny_clf, "--data", small_data, "--n", 4,
+    r = run("evaluate", "--checkpoint", tiny_ckpt, "--classifier", tiny_clf, "--data", small_data, "--n", 4,
             "--ws", 1, 2, "--out", tmp_path / "eval.json", "--quiet")
     assert r.returncode == 0, r.stderr
     assert "w=1, ddpm" in r.stdout and "kept from" in r.stdout and r.stdout.count("kept from") == 1
@@ -222,7 +216,7 @@ def test_grid_trajectory_animate_and_evaluate_write_their_files(root, tiny_ckpt,
     assert [e["w"] for e in again["by_w"]] == [0.0, 1.0, 2.0]
     assert again["by_w"][1] == ev["by_w"][1]
     # guidance on the first steps only is another setting of the whole file: nothing is kept
-    r = run(root, "evaluate", "--checkpoint", tiny_ckpt, "--classifier", tiny_clf, "--data", small_data, "--n", 4,
+    r = run("evaluate", "--checkpoint", tiny_ckpt, "--classifier", tiny_clf, "--data", small_data, "--n", 4,
             "--ws", 1, "--guided-steps", 3, "--out", tmp_path / "eval.json", "--quiet")
     assert r.returncode == 0 and "will be replaced" in r.stdout, r.stderr
     part = json.loads((tmp_path / "eval.json").read_text())
@@ -359,7 +353,7 @@ def test_ctrl_c_keeps_finished_epochs_and_resume_ends_like_an_uninterrupted_run(
     settings = [*TINY_MODEL, "--epochs", "30", "--limit", "64", "--data", str(small_data), "--extra-ema", "0.9",
                 "--dropout", "0.1"]  # dropout's masks come from the global generator, which must resume too
     full, cut = tmp_path / "full.pt", tmp_path / "cut.pt"
-    assert run(root, "train", *settings, "--out", full).returncode == 0
+    assert run("train", *settings, "--out", full).returncode == 0
     proc = subprocess.Popen([sys.executable, os.path.join(root, "mnist_ddpm.py"), "train", *settings, "--out", str(cut)],
                             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -370,13 +364,13 @@ def test_ctrl_c_keeps_finished_epochs_and_resume_ends_like_an_uninterrupted_run(
     assert proc.returncode == 2 and "--resume" in err and len(err.strip().splitlines()) == 1, err
     done = torch.load(cut, weights_only=True)["train"]["epochs_done"]
     assert torch.load(str(cut) + ".resume.pt", weights_only=True)["epoch"] == done and 1 <= done < 30
-    r = run(root, "train", *settings, "--out", cut, "--resume", "--lr", "0.01")
+    r = run("train", *settings, "--out", cut, "--resume", "--lr", "0.01")
     assert r.returncode == 2 and "lr 0.002 there, 0.01 here" in r.stderr  # refused, not mixed in, and named
     resume = str(cut) + ".resume.pt"  # as written before --embedding-layers existed: one layer, not recorded
     state = torch.load(resume, weights_only=True)
     del state["model_config"]["embed_layers"]
     torch.save(state, resume)
-    r = run(root, "train", *settings, "--out", cut, "--resume")
+    r = run("train", *settings, "--out", cut, "--resume")
     assert r.returncode == 0, r.stderr
     a, b = torch.load(full, weights_only=True), torch.load(cut, weights_only=True)
     assert a["model_config"]["dropout"] == 0.1
@@ -392,7 +386,7 @@ def test_ctrl_c_keeps_finished_epochs_and_resume_ends_like_an_uninterrupted_run(
 
 def test_extra_ema_checkpoints_average_the_same_weights_at_their_own_decay(root, small_data, tmp_path):
     out = tmp_path / "m.pt"
-    r = run(root, "train", *TINY_MODEL, "--epochs", "2", "--limit", "64", "--data", small_data, "--out", out,
+    r = run("train", *TINY_MODEL, "--epochs", "2", "--limit", "64", "--data", small_data, "--out", out,
             "--ema", "0.9", "--extra-ema", "0.9", "0.5", "--quiet")
     assert r.returncode == 0, r.stderr
     main = torch.load(out, weights_only=True)
@@ -401,7 +395,7 @@ def test_extra_ema_checkpoints_average_the_same_weights_at_their_own_decay(root,
     assert not all(torch.equal(main["model"][k], shorter["model"][k]) for k in main["model"])
     assert (main["train"]["ema_decay"], same["train"]["ema_decay"], shorter["train"]["ema_decay"]) == (0.9, 0.9, 0.5)
     assert main["train"]["extra_ema"] == [0.9, 0.5] and shorter["model_config"] == main["model_config"]
-    status = run(root, "sample", "--checkpoint", tmp_path / "m_ema0.5.pt", "--label", 3, "--n", 2, "--out", tmp_path / "s.npy")
+    status = run("sample", "--checkpoint", tmp_path / "m_ema0.5.pt", "--label", 3, "--n", 2, "--out", tmp_path / "s.npy")
     assert status.returncode == 0, status.stderr  # a checkpoint like any other
 
 
@@ -494,7 +488,7 @@ def test_heldout_compares_the_splits_at_the_same_steps_and_noise(root, tiny_ckpt
     np.savez(same, x_train=np.repeat(images[:1], 40, 0), y_train=np.repeat(labels[:1], 40),
              x_test=np.repeat(images[:1], 30, 0), y_test=np.repeat(labels[:1], 30))
     out = tmp_path / "heldout.json"
-    r = run(root, "heldout", "--checkpoint", tiny_ckpt, "--data", same, "--n", "50", "--out", out, "--quiet")
+    r = run("heldout", "--checkpoint", tiny_ckpt, "--data", same, "--n", "50", "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
     assert "was trained on" in r.stderr  # not the data the run trained on: said so
     result = json.loads(out.read_text())
@@ -507,7 +501,7 @@ def test_heldout_compares_the_splits_at_the_same_steps_and_noise(root, tiny_ckpt
     apart = tmp_path / "apart.npz"
     np.savez(apart, x_train=np.repeat(images[:1], 40, 0), y_train=np.repeat(labels[:1], 40),
              x_test=np.repeat(images[1:], 30, 0), y_test=np.repeat(labels[1:], 30))
-    r = run(root, "heldout", "--checkpoint", tiny_ckpt, "--data", apart, "--out", out, "--quiet", "--seed", "3")
+    r = run("heldout", "--checkpoint", tiny_ckpt, "--data", apart, "--out", out, "--quiet", "--seed", "3")
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())["losses"]["plain"]
     model, diffusion, _ = M.load_unet(str(tiny_ckpt))
@@ -544,7 +538,7 @@ def test_residual_layers_per_level_mirror_on_the_up_path_and_survive_a_checkpoin
     # the recorded config (lists, as JSON-like data) rebuilds the same network
     assert M.unet_config(M.config_dict(cfg)) == cfg
     assert M.MnistUNet(M.unet_config(M.config_dict(cfg))).load_state_dict(net.state_dict())
-    r = run(root, "train", "--res-layers", "1", "2", "--limit", "64", "--epochs", "1", "--out", tmp_path / "x.pt")
+    r = run("train", "--res-layers", "1", "2", "--limit", "64", "--epochs", "1", "--out", tmp_path / "x.pt")
     assert r.returncode == 2 and "--res-layers takes one number or four" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.pt").exists()
 
@@ -690,14 +684,14 @@ def test_progress_figure_and_replot(root, tiny_ckpt, tmp_path):
     hist = torch.load(tiny_ckpt, weights_only=True)["train"]["history"]
     assert hist["snapshot_epochs"] == [1, 2, 3]
     assert [tuple(s.shape) for s in hist["snapshots"]] == [(10, 28, 28)] * 3 and hist["snapshots"][0].dtype == torch.uint8
-    r = run(root, "progress", "--checkpoint", tiny_ckpt, "--out", tmp_path / "training.png", "--quiet")
+    r = run("progress", "--checkpoint", tiny_ckpt, "--out", tmp_path / "training.png", "--quiet")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
-    r = run(root, "evaluate", "--replot", "--out", tmp_path / "none.json")
+    r = run("evaluate", "--replot", "--out", tmp_path / "none.json")
     assert r.returncode == 2 and "none.json not found" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     shipped = json.load(open(os.path.join(root, "figures", "mnist_eval.json")))
     (tmp_path / "ev.json").write_text(json.dumps(shipped))
-    r = run(root, "evaluate", "--replot", "--out", tmp_path / "ev.json")
+    r = run("evaluate", "--replot", "--out", tmp_path / "ev.json")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "ev.png").exists()
 
@@ -717,7 +711,7 @@ def test_study_figure_reads_each_run_at_w0(root, run_here, tmp_path):
         assert p.misread == {m["index"] for m in e["misread"]} and len(p.misread) == round(1000 * (1 - e["accuracy"]))
     assert points[0][1] is None  # the first model was not evaluated at seed 1
     assert points[0][0].misread is None  # nor were its misread samples kept
-    r = run(root, "study", "--out", tmp_path / "study.png", "--quiet")
+    r = run("study", "--out", tmp_path / "study.png", "--quiet")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
     numbers = json.load(open(tmp_path / "study.json"))
@@ -761,7 +755,7 @@ def test_shared_misreads_counts_the_same_noise_and_the_chance_of_it():
 
 def test_inpaint_keeps_the_kept_pixels_and_edit_follows_t0(root, tiny_ckpt, small_data, tmp_path):
     out = tmp_path / "inp.npy"
-    r = run(root, "inpaint", "--checkpoint", tiny_ckpt, "--data", small_data, "--index", 7, "--mask", "top",
+    r = run("inpaint", "--checkpoint", tiny_ckpt, "--data", small_data, "--index", 7, "--mask", "top",
             "--n", 3, "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
     x = np.load(out, allow_pickle=False)
@@ -781,7 +775,7 @@ def test_inpaint_keeps_the_kept_pixels_and_edit_follows_t0(root, tiny_ckpt, smal
     change_far = (far[0] - images[0]).abs().mean().item()
     assert change_near < 0.5 * change_far
     assert (far[0] - far[1]).abs().mean().item() < 0.01 and (near[0] - near[1]).abs().mean().item() > 0.05
-    r = run(root, "edit", "--checkpoint", tiny_ckpt, "--data", small_data, "--index", 0, "--t0", 5, "--label", 2,
+    r = run("edit", "--checkpoint", tiny_ckpt, "--data", small_data, "--index", 0, "--t0", 5, "--label", 2,
             "--n", 2, "--out", tmp_path / "edit.npy", "--quiet")
     assert r.returncode == 0, r.stderr
     assert np.load(tmp_path / "edit.npy").shape == (2, 28, 28)
@@ -802,7 +796,7 @@ def test_inpaint_and_edit_refuse_bad_input(run_here, tmp_path, args, needle):
 
 
 def test_prior_figures_and_numbers(root, tiny_ckpt, tiny_clf, small_data, tmp_path):
-    r = run(root, "prior", "--checkpoint", tiny_ckpt, "--classifier", tiny_clf, "--data", small_data, "--n", 1,
+    r = run("prior", "--checkpoint", tiny_ckpt, "--classifier", tiny_clf, "--data", small_data, "--n", 1,
             "--out", tmp_path / "mnist_inpaint.png", "--quiet")
     assert r.returncode == 0, r.stderr
     inp = json.loads((tmp_path / "mnist_inpaint.json").read_text())

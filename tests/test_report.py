@@ -2,9 +2,9 @@
 import functools
 import json
 import os
-import re
 import subprocess
 import sys
+from decimal import ROUND_HALF_UP, Decimal
 
 import numpy as np
 import pytest
@@ -165,6 +165,11 @@ def test_a_code_span_is_not_broken_inside_a_word(tmp_path, monkeypatch):
     assert any(at_margin < 0.01 for _, _, at_margin in starts)  # some did have to move to a new line
 
 
+NUMBER_WORDS = dict(enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty twenty-one twenty-two twenty-three twenty-four twenty-five".split()))
+
+
 def scored_at(ev, w):
     """The study's setting in an evaluation: 100 samples per digit, DDPM with 200 steps, at w (None if not run)."""
     assert ev["n_per_digit"] == 100
@@ -172,15 +177,23 @@ def scored_at(ev, w):
     return found[-1] if found else None
 
 
-def unguided_scores(folder, stem):
-    """As asked and Frechet / floor without guidance at sampling seeds 0 and 1, as the report prints them."""
+def unguided_entries(folder, stem):
+    """(evaluation, its entry at w = 0 in the study's setting) at sampling seeds 0 and 1."""
     found = []
-    for suffix in ("", "_seed1"):
-        with open(os.path.join(folder, f"{stem}_eval{suffix}.json")) as f:
+    for seed, suffix in ((0, ""), (1, "_seed1")):
+        path = os.path.join(folder, f"{stem}_eval{suffix}.json")
+        with open(path) as f:
             ev = json.load(f)
         e = scored_at(ev, 0.0)
-        found.append((f"{100 * e['accuracy']:.1f}%", f"{e['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f}"))
+        assert ev["seed"] == seed and e is not None, path
+        found.append((ev, e))
     return found
+
+
+def unguided_scores(folder, stem):
+    """As asked and Frechet / floor without guidance at sampling seeds 0 and 1, as the report prints them."""
+    return [(f"{100 * e['accuracy']:.1f}%", f"{e['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f}")
+            for ev, e in unguided_entries(folder, stem)]
 
 
 def gap(a, b):
@@ -326,7 +339,7 @@ def test_the_shared_misreads_paragraph_reports_the_study_numbers(root):
                           f"{max(s['also_misread_by_reference'] for s in c)}" + (" per run" if i == 0 else "") + f" at seed {i}"
                           for i, c in enumerate(counts))
     chance = [s["expected_shared_by_chance"] for c in counts for s in c]
-    count = {11: "eleven", 12: "twelve", 13: "thirteen", 14: "fourteen"}[len(later)]
+    count = NUMBER_WORDS[len(later)]
     assert f"the {count} different trainings after the shipped one, {pooled}, about half" in text
     own = [" and ".join(f"{s['also_misread_by_reference']} of {s['misread']}" for s in run["seeds"])
            for run in after if run["stem"] in averages]
@@ -345,9 +358,8 @@ def test_the_shared_misreads_paragraph_reports_the_study_numbers(root):
             in text)
     turned = [len(b.misread - s.misread) for s, b in zip(slowest, base)]
     added = [len(s.misread - b.misread) for s, b in zip(slowest, base)]
-    words = {1: "one", 2: "two", 3: "three"}
-    assert added[0] == 0 and (f"turns {words[turned[0]]} and {words[turned[1]]} of those samples into the digit asked "
-                              f"for, and adds {words[added[1]]} new misread at seed 1" in text)
+    assert added[0] == 0 and (f"turns {NUMBER_WORDS[turned[0]]} and {NUMBER_WORDS[turned[1]]} of those samples into the digit asked "
+                              f"for, and adds {NUMBER_WORDS[added[1]]} new misread at seed 1" in text)
 
 
 def test_the_heldout_sentence_reports_the_saved_comparisons(root):
@@ -404,12 +416,14 @@ def test_the_study_counts_in_the_prose_follow_the_design_runs(root):
     stems = [stem for stem, _ in mnist_ddpm.DESIGN_RUNS]
     averages = [stem for stem in stems if "ema_0.999" in stem]  # slower averages of a run's weights, not trainings
     after = len(stems) - 1 - stems.index(mnist_ddpm.SHIPPED_RUN)
-    averaged = {re.sub(r"_?ema_0[.]999[0-9]*", "", stem) for stem in averages}  # the trainings that kept them
-    words = {3: "three", 4: "four", 5: "five", 17: "seventeen", 18: "eighteen", 19: "nineteen", 20: "twenty",
-             22: "Twenty-two", 23: "Twenty-three", 24: "Twenty-four"}
-    assert f"The {words[after]} models after the shipped one" in text
-    assert (f"{words[len(stems) - len(averages)]} different trainings (22 to 80 epochs), with the slower averages "
-            f"kept for {words[len(averaged)]} of them, {len(stems)} "
+    # the trainings that kept them: an average's evaluation records its run (seed, epochs, seconds, final loss)
+    folder = os.path.join(root, "figures", "mnist_study")
+    averaged = {tuple(sorted(ev["model"].items())) for stem in averages
+                for ev, _ in unguided_entries(folder, stem)}
+    assert f"The {NUMBER_WORDS[after]} models after the shipped one" in text
+    trainings = NUMBER_WORDS[len(stems) - len(averages)].capitalize()
+    assert (f"{trainings} different trainings (22 to 80 epochs), with the slower averages "
+            f"kept for {NUMBER_WORDS[len(averaged)]} of them, {len(stems)} "
             f"models in all") in text
     assert f"{len(stems)} models of the study does at one seed or both" in text
     readme = " ".join(open(os.path.join(root, "README.md"), encoding="utf-8").read().split())
@@ -432,19 +446,45 @@ def test_the_second_training_of_the_two_layer_embedding_is_reported_from_its_eva
     assert (f"Against the first training that is {gap(a0, c0)} and {gap(a1, c1)} points, and {gap(b0, d0)} and "
             f"{gap(b1, d1)} for the 0.9998 averages") in text
 
-    def pooled(*stems):  # % as asked over both trainings and both sampling seeds, 1,000 samples each
-        shares = []
-        for stem in stems:
-            for suffix in ("", "_seed1"):
-                with open(os.path.join(folder, f"{stem}_eval{suffix}.json")) as f:
-                    shares.append(100 * scored_at(json.load(f), 0.0)["accuracy"])
-        return sum(shares) / len(shares)
+    def pooled(*stems):  # % of samples as asked over the trainings and both sampling seeds, to 0.01 (half up)
+        counts = [(round(10 * ev["n_per_digit"] * e["accuracy"]), 10 * ev["n_per_digit"])
+                  for stem in stems for ev, e in unguided_entries(folder, stem)]
+        share = Decimal(100 * sum(right for right, _ in counts)) / sum(n for _, n in counts)
+        return share.quantize(Decimal("0.01"), ROUND_HALF_UP)
 
     shipped = pooled(mnist_ddpm.SHIPPED_RUN, "min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs_seed_1")
-    assert (f"the 0.999 averages of the two-layer embedding read {pooled(first, second):.2f}%, as those of the "
-            f"shipped recipe do ({shipped:.2f}%); its 0.9998 averages read {pooled(first_slow, second_slow):.2f}%, "
-            f"against {pooled('ema_0.9998_40_epochs'):.2f}% for the one training of the shipped recipe that kept "
+    assert (f"the 0.999 averages of the two-layer embedding read {pooled(first, second)}%, as those of the "
+            f"shipped recipe do ({shipped}%); its 0.9998 averages read {pooled(first_slow, second_slow)}%, "
+            f"against {pooled('ema_0.9998_40_epochs')}% for the one training of the shipped recipe that kept "
             f"that average") in text
+    # two more sampling seeds for the two trainings' 0.9998 averages and the shipped model, from the same noise
+    def shares(stem):  # % as asked at sampling seeds 0 to 3, and the real test digits' share at each
+        found = []
+        for seed in range(4):
+            with open(os.path.join(folder, f"{stem}_eval{'_seed%d' % seed if seed else ''}.json")) as f:
+                ev = json.load(f)
+            assert ev["seed"] == seed
+            found.append((round(1000 * scored_at(ev, 0.0)["accuracy"]), round(1000 * ev["real_test_accuracy"])))
+        return found
+
+    models = [shares(stem) for stem in (first_slow, second_slow, mnist_ddpm.SHIPPED_RUN)]
+    assert models[0][2][1] == models[1][2][1] == models[2][2][1]  # the same real digits at each seed
+    (a2, a3), (b2, b3), (c2, c3) = ([f"{right / 10:.1f}%" for right, _ in m[2:]] for m in models)
+    assert (f"At seeds 2 and 3 the first training's 0.9998 average reads {a2} and {a3} as asked, the second training's "
+            f"{b2} and {b3}, and the shipped model {c2} and {c3}, against real test digits read at "
+            f"{models[0][2][1] / 10:.1f}% and {models[0][3][1] / 10:.1f}%") in text
+
+    def mean(*rows):  # % over all the seeds of these models, to 0.01 (half up)
+        right = [r for row in rows for r, _ in row]
+        return (Decimal(100 * sum(right)) / (1000 * len(right))).quantize(Decimal("0.01"), ROUND_HALF_UP)
+
+    assert (f"they read {mean(models[0])}%, {mean(models[1])}% and {mean(models[2])}%: the two trainings of the recipe "
+            f"are {abs(mean(models[0]) - mean(models[1])):.1f} points apart") in text
+    assert f"the recipe reads {mean(*models[:2])}% over its eight evaluations" in text
+    leads = [(a - c) / 10 for (a, _), (c, _) in zip(models[0], models[2])]
+    ahead = sum(b > c for (b, _), (c, _) in zip(models[1], models[2]))
+    assert min(leads) > 0 and (f"ahead of the shipped model at all four seeds (by {min(leads):.1f} to {max(leads):.1f} "
+                               f"points), its second at {NUMBER_WORDS[ahead]}") in text
     # misreads shared with the first training and with the shipped model, from the same noise
     points = mnist_ddpm.design_points(folder)
     runs = [stem for stem, _ in mnist_ddpm.DESIGN_RUNS]

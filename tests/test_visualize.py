@@ -1,35 +1,23 @@
 """visualize.py figure tasks end to end on tiny checkpoints: files written, numbers repeat."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import run_script
-
-
-def run(root, script, *args):
-    """The script with these arguments, inside this process (conftest.run_script)."""
-    return run_script(script, *args)
-
-
-def run_real(root, script, *args, timeout=300):
-    """The same in a new interpreter, as a user runs it."""
-    return subprocess.run([sys.executable, os.path.join(root, script), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=root)
+from helpers import run_real, run_script
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(root, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_ckpts")
-    r = run_real(root, "train.py", "--T", 5, 10, 25, 50, 200, "--steps", 30, "--batch-size", 64, "--channels", 8, 32,
-            "--log-every", 10, "--quiet", "--checkpoint-dir", folder)
+    r = run_real("train.py", "--T", 5, 10, 25, 50, 200, "--steps", 30, "--batch-size", 64, "--channels", 8, 32,
+                 "--log-every", 10, "--quiet", "--checkpoint-dir", folder)
     assert r.returncode == 0, r.stderr
-    r = run_real(root, "train.py", "--T", 5, 10, 25, 50, "--schedule", "linear", "--steps", 30, "--batch-size", 64,
-            "--channels", 8, 32, "--log-every", 10, "--quiet", "--checkpoint-dir", folder / "linear")
+    r = run_real("train.py", "--T", 5, 10, 25, 50, "--schedule", "linear", "--steps", 30, "--batch-size", 64,
+                 "--channels", 8, 32, "--log-every", 10, "--quiet", "--checkpoint-dir", folder / "linear")
     assert r.returncode == 0, r.stderr
-    r = run_real(root, "classifier_guidance.py", "--T", 50, "--steps", 30, "--quiet", "--out", folder / "twopixel_classifier_T50.pt")
+    r = run_real("classifier_guidance.py", "--T", 50, "--steps", 30, "--quiet",
+                 "--out", folder / "twopixel_classifier_T50.pt")
     assert r.returncode == 0, r.stderr
     return folder
 
@@ -38,8 +26,8 @@ def test_all_tasks_write_their_files_and_repeat(root, tiny_dir, tmp_path):
     outs = []
     for name, task in (("a", "all"), ("b", "trajectory")):  # everything once; then one figure again
         figures = tmp_path / name
-        r = run(root, "visualize.py", "--task", task, "--checkpoint-dir", tiny_dir, "--figures", figures, "--quiet",
-                "--n", 400)  # a draft: each figure draws 400 samples instead of its own 1000 to 10000
+        r = run_script("visualize.py", "--task", task, "--checkpoint-dir", tiny_dir, "--figures", figures, "--quiet",
+                       "--n", 400)  # a draft: each figure draws 400 samples instead of its own 1000 to 10000
         assert r.returncode == 0, r.stderr
         outs.append(figures)
     expected = ["twopixel_trajectory.png", "twopixel_trajectory.json", "twopixel_tsweep.png", "twopixel_tsweep_oracle.png",
@@ -71,7 +59,7 @@ def test_all_tasks_write_their_files_and_repeat(root, tiny_dir, tmp_path):
 def test_report_names_the_command_for_a_missing_figure(root, tiny_dir, tmp_path):
     # a report source that shows a figure nobody has made yet
     (tmp_path / "figures").mkdir()
-    r = run(root, "visualize.py", "--task", "report", "--figures", tmp_path / "figures", "--checkpoint-dir", tiny_dir)
+    r = run_script("visualize.py", "--task", "report", "--figures", tmp_path / "figures", "--checkpoint-dir", tiny_dir)
     assert r.returncode == 0, r.stderr  # every figure REPORT.md shows ships in figures/
     import visualize
     src = tmp_path / "R.md"
@@ -86,21 +74,21 @@ def test_report_names_the_command_for_a_missing_figure(root, tiny_dir, tmp_path)
 
 
 def test_animate_writes_a_gif(root, tiny_dir, tmp_path):
-    r = run(root, "visualize.py", "--task", "animate", "--checkpoint-dir", tiny_dir, "--figures", tmp_path, "--quiet")
+    r = run_script("visualize.py", "--task", "animate", "--checkpoint-dir", tiny_dir, "--figures", tmp_path, "--quiet")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "twopixel_flow.gif").read_bytes()[:6] == b"GIF89a"
 
 
 def test_figure_task_errors(root, tmp_path):
-    r = run(root, "visualize.py", "--task", "movie")
+    r = run_script("visualize.py", "--task", "movie")
     assert r.returncode == 2 and "invalid choice" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = run(root, "visualize.py", "--task", "trajectory", "--checkpoint-dir", tmp_path, "--figures", tmp_path / "f")
+    r = run_script("visualize.py", "--task", "trajectory", "--checkpoint-dir", tmp_path, "--figures", tmp_path / "f")
     assert r.returncode == 2 and "python train.py --T 50" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     blocker = tmp_path / "file"
     blocker.write_text("")
-    r = run(root, "visualize.py", "--task", "loss", "--figures", blocker / "sub")
+    r = run_script("visualize.py", "--task", "loss", "--figures", blocker / "sub")
     assert r.returncode == 2 and "cannot create directory" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = run(root, "visualize.py", "--task", "loss", "--n", 100)
+    r = run_script("visualize.py", "--task", "loss", "--n", 100)
     assert r.returncode == 2 and "--task loss draws no samples" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
