@@ -27,9 +27,10 @@ def run_script(script, *args, timeout=300):
     The script runs as __main__, so its own error handling turns a UserError or a refused flag
     into a message and exit status 2; any other exception (a traceback in a real run) is raised
     into the test, with what the command had printed, and fails it, as does a run longer than
-    `timeout` seconds. Warnings are filtered as in a fresh interpreter and written to stderr as
-    Python writes them. The working folder, sys.argv and torch's global generator are restored
-    afterwards, and figures left open are closed, so that one run does not change the next."""
+    `timeout` seconds (where the system has SIGALRM). Warnings are filtered as in a fresh
+    interpreter and written to stderr as Python writes them. The working folder, sys.argv and
+    torch's global generator are restored afterwards, and figures left open are closed, so that
+    one run does not change the next."""
     argv = [script, *map(str, args)]
     out, err, status = io.StringIO(), io.StringIO(), 0
     cwd, saved_argv, rng = os.getcwd(), sys.argv, torch.get_rng_state()
@@ -37,8 +38,10 @@ def run_script(script, *args, timeout=300):
     def expire(signum, frame):
         raise TimeoutError(f"{' '.join(argv)} ran longer than {timeout} s")
 
-    previous_alarm = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, timeout)
+    timed = hasattr(signal, "SIGALRM")  # POSIX; elsewhere the run has no time limit
+    if timed:
+        previous_alarm = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
         os.chdir(ROOT)
         sys.argv = argv
@@ -59,8 +62,9 @@ def run_script(script, *args, timeout=300):
                 e.add_note(f"stdout of {' '.join(argv)}:\n{out.getvalue()}\nstderr:\n{err.getvalue()}")
                 raise
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous_alarm)
+        if timed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous_alarm)
         os.chdir(cwd)
         sys.argv = saved_argv
         torch.set_rng_state(rng)
