@@ -177,11 +177,11 @@ def scored_at(ev, w):
     return found[-1] if found else None
 
 
-def unguided_entries(folder, stem):
-    """(evaluation, its entry at w = 0 in the study's setting) at sampling seeds 0 and 1."""
+def unguided_entries(folder, stem, seeds=(0, 1)):
+    """(evaluation, its entry at w = 0 in the study's setting) at each sampling seed."""
     found = []
-    for seed, suffix in ((0, ""), (1, "_seed1")):
-        path = os.path.join(folder, f"{stem}_eval{suffix}.json")
+    for seed in seeds:
+        path = os.path.join(folder, f"{stem}_eval{f'_seed{seed}' if seed else ''}.json")
         with open(path) as f:
             ev = json.load(f)
         e = scored_at(ev, 0.0)
@@ -194,6 +194,14 @@ def unguided_scores(folder, stem):
     """As asked and Frechet / floor without guidance at sampling seeds 0 and 1, as the report prints them."""
     return [(f"{100 * e['accuracy']:.1f}%", f"{e['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f}")
             for ev, e in unguided_entries(folder, stem)]
+
+
+def as_asked(entries):
+    """% of the samples of these (evaluation, entry) pairs read as asked, counted in samples and
+    given to 0.01 (half up), as the report prints pooled shares."""
+    right = sum(round(10 * ev["n_per_digit"] * e["accuracy"]) for ev, e in entries)
+    total = sum(10 * ev["n_per_digit"] for ev, _ in entries)
+    return (Decimal(100 * right) / total).quantize(Decimal("0.01"), ROUND_HALF_UP)
 
 
 def gap(a, b):
@@ -446,11 +454,8 @@ def test_the_second_training_of_the_two_layer_embedding_is_reported_from_its_eva
     assert (f"Against the first training that is {gap(a0, c0)} and {gap(a1, c1)} points, and {gap(b0, d0)} and "
             f"{gap(b1, d1)} for the 0.9998 averages") in text
 
-    def pooled(*stems):  # % of samples as asked over the trainings and both sampling seeds, to 0.01 (half up)
-        counts = [(round(10 * ev["n_per_digit"] * e["accuracy"]), 10 * ev["n_per_digit"])
-                  for stem in stems for ev, e in unguided_entries(folder, stem)]
-        share = Decimal(100 * sum(right for right, _ in counts)) / sum(n for _, n in counts)
-        return share.quantize(Decimal("0.01"), ROUND_HALF_UP)
+    def pooled(*stems):  # over the trainings and both sampling seeds
+        return as_asked([pair for stem in stems for pair in unguided_entries(folder, stem)])
 
     shipped = pooled(mnist_ddpm.SHIPPED_RUN, "min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs_seed_1")
     assert (f"the 0.999 averages of the two-layer embedding read {pooled(first, second)}%, as those of the "
@@ -458,31 +463,20 @@ def test_the_second_training_of_the_two_layer_embedding_is_reported_from_its_eva
             f"against {pooled('ema_0.9998_40_epochs')}% for the one training of the shipped recipe that kept "
             f"that average") in text
     # two more sampling seeds for the two trainings' 0.9998 averages and the shipped model, from the same noise
-    def shares(stem):  # % as asked at sampling seeds 0 to 3, and the real test digits' share at each
-        found = []
-        for seed in range(4):
-            with open(os.path.join(folder, f"{stem}_eval{'_seed%d' % seed if seed else ''}.json")) as f:
-                ev = json.load(f)
-            assert ev["seed"] == seed
-            found.append((round(1000 * scored_at(ev, 0.0)["accuracy"]), round(1000 * ev["real_test_accuracy"])))
-        return found
-
-    models = [shares(stem) for stem in (first_slow, second_slow, mnist_ddpm.SHIPPED_RUN)]
-    assert models[0][2][1] == models[1][2][1] == models[2][2][1]  # the same real digits at each seed
-    (a2, a3), (b2, b3), (c2, c3) = ([f"{right / 10:.1f}%" for right, _ in m[2:]] for m in models)
+    models = [unguided_entries(folder, stem, range(4)) for stem in (first_slow, second_slow, mnist_ddpm.SHIPPED_RUN)]
+    real = [{round(1000 * ev["real_test_accuracy"]) for ev, _ in at_seed} for at_seed in zip(*models)]
+    assert all(len(digits) == 1 for digits in real)  # the same real digits at each seed
+    (a2, a3), (b2, b3), (c2, c3) = ([f"{100 * e['accuracy']:.1f}%" for _, e in m[2:]] for m in models)
     assert (f"At seeds 2 and 3 the first training's 0.9998 average reads {a2} and {a3} as asked, the second training's "
             f"{b2} and {b3}, and the shipped model {c2} and {c3}, against real test digits read at "
-            f"{models[0][2][1] / 10:.1f}% and {models[0][3][1] / 10:.1f}%") in text
-
-    def mean(*rows):  # % over all the seeds of these models, to 0.01 (half up)
-        right = [r for row in rows for r, _ in row]
-        return (Decimal(100 * sum(right)) / (1000 * len(right))).quantize(Decimal("0.01"), ROUND_HALF_UP)
-
-    assert (f"they read {mean(models[0])}%, {mean(models[1])}% and {mean(models[2])}%: the two trainings of the recipe "
-            f"are {abs(mean(models[0]) - mean(models[1])):.1f} points apart") in text
-    assert f"the recipe reads {mean(*models[:2])}% over its eight evaluations" in text
-    leads = [(a - c) / 10 for (a, _), (c, _) in zip(models[0], models[2])]
-    ahead = sum(b > c for (b, _), (c, _) in zip(models[1], models[2]))
+            f"{real[2].pop() / 10:.1f}% and {real[3].pop() / 10:.1f}%") in text
+    means = [as_asked(m) for m in models]
+    assert (f"they read {means[0]}%, {means[1]}% and {means[2]}%: the two trainings of the recipe "
+            f"are {abs(means[0] - means[1]):.1f} points apart") in text
+    assert f"the recipe reads {as_asked(models[0] + models[1])}% over its eight evaluations" in text
+    right = [[round(1000 * e["accuracy"]) for _, e in m] for m in models]  # samples of 1,000 at each seed
+    leads = [(a - c) / 10 for a, c in zip(right[0], right[2])]
+    ahead = sum(b > c for b, c in zip(right[1], right[2]))
     assert min(leads) > 0 and (f"ahead of the shipped model at all four seeds (by {min(leads):.1f} to {max(leads):.1f} "
                                f"points), its second at {NUMBER_WORDS[ahead]}") in text
     # misreads shared with the first training and with the shipped model, from the same noise
