@@ -220,7 +220,8 @@ def mnist(device, checkpoint, try_compile=False):
 # the MNIST design study's configurations (figures/mnist_study/*.json hold their scores)
 # (Min-SNR weighting changes only the loss, so it costs what its network costs.)
 STUDY = {"bias": {}, "scale-shift": {"scale_shift": True}, "scale-shift-2layers": {"scale_shift": True, "res_layers": 2},
-         "scale-shift-8-32-96-96": {"scale_shift": True, "channels": [8, 32, 96, 96]}}
+         "scale-shift-8-32-96-96": {"scale_shift": True, "channels": [8, 32, 96, 96]},
+         "scale-shift-2-layer-embedding": {"scale_shift": True, "embed_layers": 2}}
 
 
 def design_study(diffusion, images, labels, batch, precision, guided_step, device):

@@ -219,7 +219,7 @@ DESIGN_RUNS = {  # the design table's rows (by configuration) and the evaluation
     "scale-shift + Min-SNR 1, steps drawn by weight": "min_snr_1_sampled_40_epochs",
     "scale-shift + Min-SNR 1, channels 16 / 48 / 96 / 96": "channels_16_48_96_96_min_snr_1_28_epochs",
     "scale-shift + Min-SNR 5, predicting v": "v_min_snr_5_40_epochs",
-    "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05 (shipped)": "min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs",
+    "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05 (reference)": "min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs",
     "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, 2 residual layers":
         "two_residual_layers_min_snr_1_lr_2e-3_p_uncond_0.05_28_epochs",
     "scale-shift + Min-SNR 1, lr 4e-3, p_uncond 0.05": "min_snr_1_lr_4e-3_p_uncond_0.05_30_epochs",
@@ -239,7 +239,7 @@ DESIGN_RUNS = {  # the design table's rows (by configuration) and the evaluation
     "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, EMA 0.9998": "ema_0.9998_40_epochs",
     "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, 2-layer embedding, EMA 0.9995":
         "embedding_layers_2_ema_0.9995_40_epochs",
-    "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, 2-layer embedding, EMA 0.9998":
+    "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, 2-layer embedding, EMA 0.9998 (shipped)":
         "embedding_layers_2_ema_0.9998_40_epochs",
     "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, 2-layer embedding, dropout 0.1":
         "embedding_layers_2_dropout_0.1_40_epochs",
@@ -269,7 +269,7 @@ def test_the_design_table_reports_what_the_evaluations_measured(root):
         with open(os.path.join(root, "figures", path)) as f:
             return json.load(f)
 
-    shipped = load("mnist_eval.json")
+    reference = load("mnist_study/guided_all_steps_eval.json")  # the reference model's evaluation at every w
     for name, stem in DESIGN_RUNS.items():
         accuracy, distance = [], []
         for seed, suffix in ((0, ""), (1, "_seed1")):
@@ -280,9 +280,9 @@ def test_the_design_table_reports_what_the_evaluations_measured(root):
             distance.append(f"{e['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f}" if e else "not run")
         assert rows[name][4:6] == [" / ".join(accuracy), " / ".join(distance)], name
         ev = load(f"mnist_study/{stem}_eval.json")
-        if name.endswith("(shipped)"):  # the model in checkpoints/mnist_T200.pt, evaluated in figures/mnist_eval.json
-            assert shipped["model"] == ev["model"]
-            ev = shipped
+        if name.endswith("(reference)"):
+            assert reference["model"] == ev["model"]
+            ev = reference
         e = scored_at(ev, 0.4)
         guided = "not evaluated" if e is None else (
             f"{100 * e['accuracy']:.1f}% / {e['frechet_distance']:.1f} "
@@ -290,8 +290,47 @@ def test_the_design_table_reports_what_the_evaluations_measured(root):
         assert rows[name][6] == guided, name
 
 
+def test_the_default_w_is_the_smallest_evaluated_w_that_meets_the_targets_with_margin(root):
+    # at both seeds at least one sample above 99.5% read as asked, Frechet at most 1.15 times
+    # its floor and at least 90% of real diversity (REPORT.md, how strong should guidance be?)
+    import mnist_ddpm
+    seeds = []
+    for name in ("mnist_eval.json", "mnist_eval_seed1.json"):
+        with open(os.path.join(root, "figures", name)) as f:
+            ev = json.load(f)
+        n = 10 * ev["n_per_digit"]
+        seeds.append({e["w"]: round(n * e["accuracy"]) > 0.995 * n and e["diversity_ratio"] >= 0.9
+                      and e["frechet_distance"] <= 1.15 * ev["frechet_floor_train_vs_test"]
+                      for e in ev["by_w"] if e["sampler"] == "ddpm" and e["steps"] == ev["T"]})
+    assert seeds[0].keys() == seeds[1].keys()
+    meets = [w for w in sorted(seeds[0]) if seeds[0][w] and seeds[1][w]]
+    assert meets and meets[0] == mnist_ddpm.DEFAULT_W
+
+
+def test_the_evaluation_table_reports_every_setting_of_the_shipped_model(root):
+    # each row: w, seed -> that entry of figures/mnist_eval{,_seed1}.json, every evaluated w at both seeds
+    text = open(os.path.join(root, "REPORT.md"), encoding="utf-8").read()
+    lines = text[text.index("| w | seed | read as asked |"):].splitlines()[2:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[:next(
+        i for i, line in enumerate(lines) if not line.startswith("|"))]]
+    expected = []
+    for seed, name in ((0, "mnist_eval.json"), (1, "mnist_eval_seed1.json")):
+        with open(os.path.join(root, "figures", name)) as f:
+            ev = json.load(f)
+        assert ev["seed"] == seed and ev["checkpoint"].replace("\\", "/") == "checkpoints/mnist_T200.pt"
+        for e in ev["by_w"]:
+            per_digit = [round(100 * a) for a in e["accuracy_per_digit"]]
+            lowest = ", ".join(str(d) for d, a in enumerate(per_digit) if a == min(per_digit))
+            ratio = e["frechet_distance"] / ev["frechet_floor_train_vs_test"]
+            expected.append([f"{e['w']:g}", str(seed), f"{100 * e['accuracy']:.1f}%", f"{lowest}: {min(per_digit)}%",
+                             f"{e['frechet_distance']:.1f} ({ratio:.2f})", f"{100 * e['diversity_ratio']:.0f}%",
+                             f"{e['sampling_seconds']:.0f}"])
+    assert sorted(rows, key=lambda r: (float(r[0]), r[1])) == sorted(expected, key=lambda r: (float(r[0]), r[1]))
+
+
 def test_the_guided_steps_table_reports_what_the_evaluations_measured(root):
-    # each row: steps guided, w -> the evaluations (no step or all 200 guided: the shipped model's own)
+    # each row: steps guided, w -> the evaluations of the reference model (no step or all 200 guided: its
+    # evaluation at every w)
     text = open(os.path.join(root, "REPORT.md"), encoding="utf-8").read()
     lines = text[text.index("| guided steps (t from 200 down to) |"):].splitlines()[2:]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[:next(
@@ -315,7 +354,7 @@ def test_the_guided_steps_table_reports_what_the_evaluations_measured(root):
     for row in rows:
         guided = {"none": 0, "all 200": 200}[row[0]] if row[0] in ("none", "all 200") else int(row[0].split()[0])
         w, k = float(row[1]), (None if guided in (0, 200) else guided)
-        stem = "mnist_eval" if k is None else f"mnist_study/guided_first_{k}_steps_eval"
+        stem = "mnist_study/guided_all_steps_eval" if k is None else f"mnist_study/guided_first_{k}_steps_eval"
         assert row[2] == f"{(200 + guided) / 400:.2f}", row  # one pass per step, two on a guided one
         assert row[3:] == [cell(f"{stem}.json", w, k), cell(f"{stem}_seed1.json", w, k)], row
         assert row[3] != "not run", row
@@ -325,7 +364,7 @@ def test_the_shared_misreads_paragraph_reports_the_study_numbers(root):
     import mnist_ddpm
     with open(os.path.join(root, "figures", "mnist_study.json")) as f:
         numbers = json.load(f)
-    # the shipped counts are those of the evaluations in figures/mnist_study/ today
+    # the counts are those of the evaluations in figures/mnist_study/ today
     shared = mnist_ddpm.shared_misreads(mnist_ddpm.design_points(os.path.join(root, "figures", "mnist_study")))
     for run, cells in zip(numbers["runs"], shared):
         for seed, cell in zip(run["seeds"], cells):
@@ -333,7 +372,7 @@ def test_the_shared_misreads_paragraph_reports_the_study_numbers(root):
                 seed["misread"], seed["also_misread_by_reference"], pytest.approx(seed["expected_shared_by_chance"])]
             assert kept == ([] if cell is None else list(cell)), run["stem"]
     after = numbers["runs"][[r["stem"] for r in numbers["runs"]].index(numbers["reference"]) + 1:]
-    averages = {"ema_0.9995_40_epochs", "ema_0.9998_40_epochs"}  # the shipped run's own weights, averaged more slowly
+    averages = {"ema_0.9995_40_epochs", "ema_0.9998_40_epochs"}  # the reference run's own weights, averaged more slowly
     # and those of a repeat of the two-layer-embedding run: not further trainings either
     repeats = {"embedding_layers_2_ema_0.9995_40_epochs", "embedding_layers_2_ema_0.9998_40_epochs"}
     # every slower average of a run's weights is named for its decay; the rest are further trainings
@@ -348,12 +387,12 @@ def test_the_shared_misreads_paragraph_reports_the_study_numbers(root):
                           for i, c in enumerate(counts))
     chance = [s["expected_shared_by_chance"] for c in counts for s in c]
     count = NUMBER_WORDS[len(later)]
-    assert f"the {count} different trainings after the shipped one, {pooled}, about half" in text
+    assert f"the {count} different trainings after the reference, {pooled}, about half" in text
     own = [" and ".join(f"{s['also_misread_by_reference']} of {s['misread']}" for s in run["seeds"])
            for run in after if run["stem"] in averages]
     assert f"share {own[0]} misreads (0.9995, seeds 0 and 1) and {own[1]} (0.9998)" in text
     assert f": {ranges}, " in text
-    assert f"would share {min(chance):.1f} to {max(chance):.1f} of them with the shipped model." in text
+    assert f"would share {min(chance):.1f} to {max(chance):.1f} of them with the reference model." in text
     # the two-layer-embedding run's slower averages against its own 0.999 average, from the same noise
     folder = os.path.join(root, "figures", "mnist_study")
     base, slower, slowest = (mnist_ddpm.design_points(folder)[[stem for stem, _ in mnist_ddpm.DESIGN_RUNS].index(stem)]
@@ -377,17 +416,17 @@ def test_the_heldout_sentence_reports_the_saved_comparisons(root):
         with open(os.path.join(root, "figures", "mnist_study", f"{stem}_40_epochs_heldout.json")) as f:
             result = json.load(f)
         assert result["n"] == 10000 and result["min_snr"] == 1.0 and result["prediction"] == "eps"
-        with open(os.path.join(root, "figures", "mnist_eval.json" if stem.startswith("min_snr") else
-                               f"mnist_study/{stem.replace('ema_0.999', 'min_snr_1_lr_2e-3_p_uncond_0.05')}_40_epochs_eval.json")) as f:
+        with open(os.path.join(root, "figures", "mnist_study",
+                               f"{stem.replace('ema_0.999', 'min_snr_1_lr_2e-3_p_uncond_0.05')}_40_epochs_eval.json")) as f:
             scored = json.load(f)["model"]  # the weights scored in the design table (the same run, repeated, for the second)
         assert result["model"]["final_loss"] == scored["final_loss"], stem
         seconds.append(f"{result['seconds']:.0f}")
         cells.append([(f"{result['losses'][k]['test_over_train']:.3f}", f"{result['losses'][k]['standard_error']:.3f}")
                       for k in ("weighted", "weighted_noisy_half")])
-    (shipped_all, shipped_noisy), (emb2_all, emb2_noisy) = [[f"{r} ({se})" for r, se in c] for c in cells]
+    (reference_all, reference_noisy), (emb2_all, emb2_noisy) = [[f"{r} ({se})" for r, se in c] for c in cells]
     ratio, se = cells[0][0]
     assert f"the loss on test digits is {ratio} times that on training digits (standard error {se};" in text
-    assert f"and {shipped_noisy} on the noisy half of the chain" in text
+    assert f"and {reference_noisy} on the noisy half of the chain" in text
     assert f"(the 0.999 average of its exact repeat, below) {emb2_all} and {emb2_noisy} (" in text
     assert f"heldout.json`; {seconds[0]} and {seconds[1]} s on 2 cores" in text
 
@@ -408,7 +447,7 @@ def test_the_dropout_paragraph_reports_its_evaluations_and_heldout_loss(root):
         run = {r["stem"]: r for r in json.load(f)["runs"]}["embedding_layers_2_dropout_0.1_40_epochs"]
     seeds = run["seeds"]
     assert (f"Of the 0.999 average's {seeds[0]['misread']} and {seeds[1]['misread']} misreads, "
-            f"{seeds[0]['also_misread_by_reference']} and {seeds[1]['also_misread_by_reference']} are the shipped "
+            f"{seeds[0]['also_misread_by_reference']} and {seeds[1]['also_misread_by_reference']} are the reference "
             f"model's too") in text
     with open(os.path.join(folder, "embedding_layers_2_dropout_0.1_40_epochs_heldout.json")) as f:
         held = json.load(f)["losses"]
@@ -423,12 +462,12 @@ def test_the_study_counts_in_the_prose_follow_the_design_runs(root):
     text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
     stems = [stem for stem, _ in mnist_ddpm.DESIGN_RUNS]
     averages = [stem for stem in stems if "ema_0.999" in stem]  # slower averages of a run's weights, not trainings
-    after = len(stems) - 1 - stems.index(mnist_ddpm.SHIPPED_RUN)
+    after = len(stems) - 1 - stems.index(mnist_ddpm.REFERENCE_RUN)
     # the trainings that kept them: an average's evaluation records its run (seed, epochs, seconds, final loss)
     folder = os.path.join(root, "figures", "mnist_study")
     averaged = {tuple(sorted(ev["model"].items())) for stem in averages
                 for ev, _ in unguided_entries(folder, stem)}
-    assert f"The {NUMBER_WORDS[after]} models after the shipped one" in text
+    assert f"The {NUMBER_WORDS[after]} models after the reference" in text
     trainings = NUMBER_WORDS[len(stems) - len(averages)].capitalize()
     assert (f"{trainings} different trainings (22 to 80 epochs), with the slower averages "
             f"kept for {NUMBER_WORDS[len(averaged)]} of them, {len(stems)} "
@@ -457,18 +496,18 @@ def test_the_second_training_of_the_two_layer_embedding_is_reported_from_its_eva
     def pooled(*stems):  # over the trainings and both sampling seeds
         return as_asked([pair for stem in stems for pair in unguided_entries(folder, stem)])
 
-    shipped = pooled(mnist_ddpm.SHIPPED_RUN, "min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs_seed_1")
+    reference = pooled(mnist_ddpm.REFERENCE_RUN, "min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs_seed_1")
     assert (f"the 0.999 averages of the two-layer embedding read {pooled(first, second)}%, as those of the "
-            f"shipped recipe do ({shipped}%); its 0.9998 averages read {pooled(first_slow, second_slow)}%, "
-            f"against {pooled('ema_0.9998_40_epochs')}% for the one training of the shipped recipe that kept "
+            f"reference recipe do ({reference}%); its 0.9998 averages read {pooled(first_slow, second_slow)}%, "
+            f"against {pooled('ema_0.9998_40_epochs')}% for the one training of the reference recipe that kept "
             f"that average") in text
-    # two more sampling seeds for the two trainings' 0.9998 averages and the shipped model, from the same noise
-    models = [unguided_entries(folder, stem, range(4)) for stem in (first_slow, second_slow, mnist_ddpm.SHIPPED_RUN)]
+    # two more sampling seeds for the two trainings' 0.9998 averages and the reference model, from the same noise
+    models = [unguided_entries(folder, stem, range(4)) for stem in (first_slow, second_slow, mnist_ddpm.REFERENCE_RUN)]
     real = [{round(1000 * ev["real_test_accuracy"]) for ev, _ in at_seed} for at_seed in zip(*models)]
     assert all(len(digits) == 1 for digits in real)  # the same real digits at each seed
     (a2, a3), (b2, b3), (c2, c3) = ([f"{100 * e['accuracy']:.1f}%" for _, e in m[2:]] for m in models)
     assert (f"At seeds 2 and 3 the first training's 0.9998 average reads {a2} and {a3} as asked, the second training's "
-            f"{b2} and {b3}, and the shipped model {c2} and {c3}, against real test digits read at "
+            f"{b2} and {b3}, and the reference model {c2} and {c3}, against real test digits read at "
             f"{real[2].pop() / 10:.1f}% and {real[3].pop() / 10:.1f}%") in text
     means = [as_asked(m) for m in models]
     assert (f"they read {means[0]}%, {means[1]}% and {means[2]}%: the two trainings of the recipe "
@@ -477,14 +516,14 @@ def test_the_second_training_of_the_two_layer_embedding_is_reported_from_its_eva
     right = [[round(1000 * e["accuracy"]) for _, e in m] for m in models]  # samples of 1,000 at each seed
     leads = [(a - c) / 10 for a, c in zip(right[0], right[2])]
     ahead = sum(b > c for b, c in zip(right[1], right[2]))
-    assert min(leads) > 0 and (f"ahead of the shipped model at all four seeds (by {min(leads):.1f} to {max(leads):.1f} "
+    assert min(leads) > 0 and (f"ahead of the reference model at all four seeds (by {min(leads):.1f} to {max(leads):.1f} "
                                f"points), its second at {NUMBER_WORDS[ahead]}") in text
-    # misreads shared with the first training and with the shipped model, from the same noise
+    # misreads shared with the first training and with the reference model, from the same noise
     points = mnist_ddpm.design_points(folder)
     runs = [stem for stem, _ in mnist_ddpm.DESIGN_RUNS]
-    new, old, ship = (points[runs.index(stem)] for stem in (second, first, mnist_ddpm.SHIPPED_RUN))
+    new, old, ship = (points[runs.index(stem)] for stem in (second, first, mnist_ddpm.REFERENCE_RUN))
     assert (f"Of the 0.999 average's {len(new[0].misread)} and {len(new[1].misread)} misreads, "
             f"{len(new[0].misread & old[0].misread)} and {len(new[1].misread & old[1].misread)} are misreads of the "
             f"first training too (of its {len(old[0].misread)} and {len(old[1].misread)}), and "
-            f"{len(new[0].misread & ship[0].misread)} and {len(new[1].misread & ship[1].misread)} the shipped "
+            f"{len(new[0].misread & ship[0].misread)} and {len(new[1].misread & ship[1].misread)} the reference "
             f"model's") in text
