@@ -659,12 +659,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_main(main):
-    """Run a script's main(); a UserError becomes a one-line message and exit status 2."""
+    """Run a script's main(); a UserError becomes a one-line message and exit status 2, and output
+    whose reader has gone (`... | head`) ends the script quietly with status 1."""
     try:
         main()
+        sys.stdout.flush()  # (here, so that a reader gone before the last lines is caught below)
     except UserError as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        sys.exit(1)
 
 
 def number_type(convert, accept, expected):

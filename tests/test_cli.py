@@ -151,3 +151,12 @@ def test_ctrl_c_leaves_a_resumable_run_that_ends_where_an_uninterrupted_one_does
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert a["train"]["record"]["val_loss"] == b["train"]["record"]["val_loss"]
     assert not os.path.exists(resume)
+
+
+def test_output_whose_reader_has_gone_ends_without_a_traceback(root):
+    # as `python reproduce.py --list | head -1`: the pipe is closed before the script writes to it
+    proc = subprocess.Popen([sys.executable, os.path.join(root, "reproduce.py"), "--list"], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1 and err == "", err
