@@ -527,3 +527,24 @@ def test_the_second_training_of_the_two_layer_embedding_is_reported_from_its_eva
             f"first training too (of its {len(old[0].misread)} and {len(old[1].misread)}), and "
             f"{len(new[0].misread & ship[0].misread)} and {len(new[1].misread & ship[1].misread)} the reference "
             f"model's") in text
+
+
+def test_the_two_more_seeds_paragraph_reports_their_evaluations(root):
+    # the default w at seeds 2 and 3, beside w = 0.2 and the reference model at its default
+    text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
+    para = text[text.index("**Two more seeds.**"):]
+    para = para[:para.index("**", len("**Two more seeds.**"))]
+
+    def at(name, w):
+        scores = []
+        for seed in (2, 3):
+            with open(os.path.join(root, "figures", "mnist_study", f"{name}_eval_seed{seed}.json")) as f:
+                ev = json.load(f)
+            e = scored_at(ev, w)
+            assert ev["seed"] == seed and e is not None
+            scores.append((f"{100 * e['accuracy']:.1f}%", f"{e['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f}"))
+        return scores
+
+    for name, w in (("shipped_guided", 0.25), ("shipped_guided", 0.2), ("reference_w_0.3", 0.3)):
+        (a2, f2), (a3, f3) = at(name, w)
+        assert f"{a2} and {a3}" in para and f"{f2} and {f3} times the floor" in para, (name, w)
