@@ -177,23 +177,30 @@ def scored_at(ev, w):
     return found[-1] if found else None
 
 
-def unguided_entries(folder, stem, seeds=(0, 1)):
-    """(evaluation, its entry at w = 0 in the study's setting) at each sampling seed."""
+def scored_entries(folder, stem, seeds=(0, 1), w=0.0):
+    """(evaluation, its entry at w in the study's setting) at each sampling seed; w = 0: without guidance."""
     found = []
     for seed in seeds:
         path = os.path.join(folder, f"{stem}_eval{f'_seed{seed}' if seed else ''}.json")
         with open(path) as f:
             ev = json.load(f)
-        e = scored_at(ev, 0.0)
+        e = scored_at(ev, w)
         assert ev["seed"] == seed and e is not None, path
         found.append((ev, e))
     return found
 
 
-def unguided_scores(folder, stem):
-    """As asked and Frechet / floor without guidance at sampling seeds 0 and 1, as the report prints them."""
+def printed_scores(folder, stem, seeds=(0, 1), w=0.0):
+    """As asked and Frechet / floor at w at each sampling seed, as the report prints them."""
     return [(f"{100 * e['accuracy']:.1f}%", f"{e['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f}")
-            for ev, e in unguided_entries(folder, stem)]
+            for ev, e in scored_entries(folder, stem, seeds, w)]
+
+
+def table_rows(text, header):
+    """The cells of each row of the markdown table that starts with `header`, below its rule."""
+    lines = text[text.index(header):].splitlines()[2:]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[:next(
+        i for i, line in enumerate(lines) if not line.startswith("|"))]]
 
 
 def as_asked(entries):
@@ -254,12 +261,7 @@ DESIGN_RUNS = {  # the design table's rows (by configuration) and the evaluation
 
 def test_the_design_table_reports_what_the_evaluations_measured(root):
     text = open(os.path.join(root, "REPORT.md"), encoding="utf-8").read()
-    rows = {}
-    for line in text[text.index("| configuration | parameters |"):].splitlines()[2:]:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[cells[0]] = cells
+    rows = {cells[0]: cells for cells in table_rows(text, "| configuration | parameters |")}
     assert set(rows) == set(DESIGN_RUNS)
     # the figure of the study (mnist_ddpm.py study) shows the same runs in the table's order
     import mnist_ddpm
@@ -310,9 +312,7 @@ def test_the_default_w_is_the_smallest_evaluated_w_that_meets_the_targets_with_m
 def test_the_evaluation_table_reports_every_setting_of_the_shipped_model(root):
     # each row: w, seed -> that entry of figures/mnist_eval{,_seed1}.json, every evaluated w at both seeds
     text = open(os.path.join(root, "REPORT.md"), encoding="utf-8").read()
-    lines = text[text.index("| w | seed | read as asked |"):].splitlines()[2:]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[:next(
-        i for i, line in enumerate(lines) if not line.startswith("|"))]]
+    rows = table_rows(text, "| w | seed | read as asked |")
     expected = []
     for seed, name in ((0, "mnist_eval.json"), (1, "mnist_eval_seed1.json")):
         with open(os.path.join(root, "figures", name)) as f:
@@ -332,9 +332,7 @@ def test_the_guided_steps_table_reports_what_the_evaluations_measured(root):
     # each row: steps guided, w -> the evaluations of the reference model (no step or all 200 guided: its
     # evaluation at every w)
     text = open(os.path.join(root, "REPORT.md"), encoding="utf-8").read()
-    lines = text[text.index("| guided steps (t from 200 down to) |"):].splitlines()[2:]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[:next(
-        i for i, line in enumerate(lines) if not line.startswith("|"))]]
+    rows = table_rows(text, "| guided steps (t from 200 down to) |")
     assert [r[:2] for r in rows] == [["none", "0"], ["20 (181)", "0.3"], ["40 (161)", "0.3"], ["40 (161)", "0.6"],
                                      ["100 (101)", "0.3"], ["100 (101)", "0.4"], ["all 200", "0.3"]]
 
@@ -434,7 +432,7 @@ def test_the_heldout_sentence_reports_the_saved_comparisons(root):
 def test_the_dropout_paragraph_reports_its_evaluations_and_heldout_loss(root):
     text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
     folder = os.path.join(root, "figures", "mnist_study")
-    scores = functools.partial(unguided_scores, folder)
+    scores = functools.partial(printed_scores, folder)
     (a0, f0), (a1, f1) = scores("embedding_layers_2_dropout_0.1_40_epochs")
     (b0, g0), (b1, g1) = scores("embedding_layers_2_dropout_0.1_ema_0.9998_40_epochs")
     assert (f"its 0.999 average reads {a0} and {a1} as asked (seeds 0 and 1) at {f0} and {f1} times the Frechet "
@@ -466,7 +464,7 @@ def test_the_study_counts_in_the_prose_follow_the_design_runs(root):
     # the trainings that kept them: an average's evaluation records its run (seed, epochs, seconds, final loss)
     folder = os.path.join(root, "figures", "mnist_study")
     averaged = {tuple(sorted(ev["model"].items())) for stem in averages
-                for ev, _ in unguided_entries(folder, stem)}
+                for ev, _ in scored_entries(folder, stem)}
     assert f"The {NUMBER_WORDS[after]} models after the reference" in text
     trainings = NUMBER_WORDS[len(stems) - len(averages)].capitalize()
     assert (f"{trainings} different trainings (22 to 80 epochs), with the slower averages "
@@ -481,7 +479,7 @@ def test_the_second_training_of_the_two_layer_embedding_is_reported_from_its_eva
     import mnist_ddpm
     text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
     folder = os.path.join(root, "figures", "mnist_study")
-    scores = functools.partial(unguided_scores, folder)
+    scores = functools.partial(printed_scores, folder)
     first, first_slow = "embedding_layers_2_min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs", "embedding_layers_2_ema_0.9998_40_epochs"
     second, second_slow = "embedding_layers_2_seed_1_40_epochs", "embedding_layers_2_ema_0.9998_seed_1_40_epochs"
     (a0, f0), (a1, f1) = scores(second)
@@ -494,7 +492,7 @@ def test_the_second_training_of_the_two_layer_embedding_is_reported_from_its_eva
             f"{gap(b1, d1)} for the 0.9998 averages") in text
 
     def pooled(*stems):  # over the trainings and both sampling seeds
-        return as_asked([pair for stem in stems for pair in unguided_entries(folder, stem)])
+        return as_asked([pair for stem in stems for pair in scored_entries(folder, stem)])
 
     reference = pooled(mnist_ddpm.REFERENCE_RUN, "min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs_seed_1")
     assert (f"the 0.999 averages of the two-layer embedding read {pooled(first, second)}%, as those of the "
@@ -502,7 +500,7 @@ def test_the_second_training_of_the_two_layer_embedding_is_reported_from_its_eva
             f"against {pooled('ema_0.9998_40_epochs')}% for the one training of the reference recipe that kept "
             f"that average") in text
     # two more sampling seeds for the two trainings' 0.9998 averages and the reference model, from the same noise
-    models = [unguided_entries(folder, stem, range(4)) for stem in (first_slow, second_slow, mnist_ddpm.REFERENCE_RUN)]
+    models = [scored_entries(folder, stem, range(4)) for stem in (first_slow, second_slow, mnist_ddpm.REFERENCE_RUN)]
     real = [{round(1000 * ev["real_test_accuracy"]) for ev, _ in at_seed} for at_seed in zip(*models)]
     assert all(len(digits) == 1 for digits in real)  # the same real digits at each seed
     (a2, a3), (b2, b3), (c2, c3) = ([f"{100 * e['accuracy']:.1f}%" for _, e in m[2:]] for m in models)
@@ -534,17 +532,6 @@ def test_the_two_more_seeds_paragraph_reports_their_evaluations(root):
     text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
     para = text[text.index("**Two more seeds.**"):]
     para = para[:para.index("**", len("**Two more seeds.**"))]
-
-    def at(name, w):
-        scores = []
-        for seed in (2, 3):
-            with open(os.path.join(root, "figures", "mnist_study", f"{name}_eval_seed{seed}.json")) as f:
-                ev = json.load(f)
-            e = scored_at(ev, w)
-            assert ev["seed"] == seed and e is not None
-            scores.append((f"{100 * e['accuracy']:.1f}%", f"{e['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f}"))
-        return scores
-
     for name, w in (("shipped_guided", 0.25), ("shipped_guided", 0.2), ("reference_w_0.3", 0.3)):
-        (a2, f2), (a3, f3) = at(name, w)
+        (a2, f2), (a3, f3) = printed_scores(os.path.join(root, "figures", "mnist_study"), name, (2, 3), w)
         assert f"{a2} and {a3}" in para and f"{f2} and {f3} times the floor" in para, (name, w)
