@@ -101,6 +101,7 @@ class MnistUNetConfig:
     scale_shift: bool = False  # the embedding scales and shifts the normalised features instead of adding a bias
     prediction: str = "eps"  # what the last convolution predicts: the noise, or v (turned into the noise on the way out)
     dropout: float = 0.0  # probability of zeroing a feature before each residual layer's second conv (training only)
+    embed_token: bool = False  # the embedding is also one more key and value in every attention layer
 
 
 class ResidualLayer(nn.Module):
@@ -149,17 +150,22 @@ class SelfAttention(nn.Module):
     With window < map size, each non-overlapping window x window patch attends within
     itself (as in Swin transformers): full attention over 28 x 28 = 784 pixels costs
     784^2 weights per image and dominates a CPU step; 7 x 7 windows cost 16 times less.
+
+    With embed_dim, a linear map of the step-and-class embedding gives one more key and value,
+    shared by every window of the image, so that each pixel can take from the label as much as
+    its own query asks for (the label as a token to attend to, as text is in cross-attention).
     """
 
-    def __init__(self, channels, groups, window):
+    def __init__(self, channels, groups, window, embed_dim=None):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
+        self.token = nn.Linear(embed_dim, 2 * channels) if embed_dim else None
         self.window = window
         self.group = ATTENTION_GROUP
 
-    def forward(self, x):
+    def forward(self, x, emb=None):
         B, C, H, W = x.shape
         s = self.window if (H > self.window and H % self.window == 0 and W % self.window == 0) else None
         qkv = self.qkv(self.norm(x))  # (B, 3C, H, W)
@@ -168,6 +174,9 @@ class SelfAttention(nn.Module):
         else:  # (B * nH * nW, s*s, 3C)
             tokens = qkv.reshape(B, 3 * C, H // s, s, W // s, s).permute(0, 2, 4, 3, 5, 1).reshape(-1, s * s, 3 * C)
         q, k, v = tokens.chunk(3, dim=-1)
+        if self.token is not None:  # windows are image-major: image b holds windows b * n ... (b + 1) * n - 1
+            k_emb, v_emb = self.token(emb).repeat_interleave(len(q) // B, dim=0)[:, None].chunk(2, dim=-1)
+            k, v = torch.cat([k, k_emb.to(k.dtype)], dim=1), torch.cat([v, v_emb.to(v.dtype)], dim=1)
         # softmax(q k^T / sqrt(C)) v written out: on a CPU this is about twice as fast as
         # F.scaled_dot_product_attention, whose fallback also scans for masked rows. Without
         # gradients (sampling) the windows go `group` at a time, so that their score matrices stay
@@ -191,12 +200,12 @@ class Block(nn.Module):
         self.res = nn.ModuleList([ResidualLayer(c_in if k == 0 else c_out, c_out, cfg.embed_dim, cfg.groups, cfg.scale_shift,
                                                 cfg.dropout)
                                   for k in range(n_res)])
-        self.attn = SelfAttention(c_out, cfg.groups, cfg.attn_window)
+        self.attn = SelfAttention(c_out, cfg.groups, cfg.attn_window, cfg.embed_dim if cfg.embed_token else None)
 
     def forward(self, x, emb):
         for layer in self.res:
             x = layer(x, emb)
-        return self.attn(x)
+        return self.attn(x, emb)
 
 
 # Images per forward pass. On a CPU a batch is fastest in chunks whose feature maps stay in the
@@ -337,7 +346,7 @@ def train_config(args):
     res_layers = args.res_layers[0] if len(args.res_layers) == 1 else tuple(args.res_layers)
     return MnistUNetConfig(T=args.T, channels=tuple(args.channels), res_layers=res_layers,
                            scale_shift=args.embedding == "scale-shift", embed_layers=args.embedding_layers,
-                           prediction=args.prediction, dropout=args.dropout)
+                           prediction=args.prediction, dropout=args.dropout, embed_token=args.embedding_token)
 
 
 def train_settings(args):
@@ -1532,6 +1541,9 @@ def build_parser():
     q.add_argument("--embedding-layers", type=utils.positive_int, default=2, metavar="N",
                    help="linear layers, each followed by SiLU, that turn the step and the class into that embedding: "
                         "1 adds a projection of each; every further layer mixes the two once more (default 2)")
+    q.add_argument("--embedding-token", action="store_true",
+                   help="also give every attention layer the embedding as one more key and value, which each pixel "
+                        "attends to as much as its query asks (default: the embedding enters the residual layers only)")
     q.add_argument("--min-snr", type=min_snr_gamma, default=1.0, metavar="GAMMA",
                    help="weight each example's loss by min(SNR, GAMMA) / SNR, which lowers the weight of the "
                         "nearly clean steps (Min-SNR weighting; default 1; 'off' for the plain loss)")

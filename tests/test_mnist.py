@@ -513,6 +513,39 @@ def test_heldout_compares_the_splits_at_the_same_steps_and_noise(root, tiny_ckpt
     assert result["test_over_train"] != 1.0
 
 
+def test_the_embedding_token_is_one_more_key_and_value_for_every_window_of_its_image(root, small_data, tmp_path):
+    torch.manual_seed(0)
+    attn = M.SelfAttention(8, 4, window=7, embed_dim=12)
+    x, emb = torch.randn(2, 8, 14, 14), torch.randn(2, 12)
+    out = attn(x, emb)
+    # the bottom-left window of image 1 by hand: its 49 pixels and the token of image 1 as keys and values
+    qkv = attn.qkv(attn.norm(x))[1, :, 7:, :7].flatten(1).T
+    q, k, v = qkv.chunk(3, dim=-1)
+    k_emb, v_emb = attn.token(emb[1]).chunk(2)
+    k, v = torch.cat([k, k_emb[None]]), torch.cat([v, v_emb[None]])
+    ref = torch.softmax(q @ k.T / 8 ** 0.5, dim=-1) @ v
+    ref = x[1, :, 7:, :7] + attn.proj(ref.T.reshape(1, 8, 7, 7))[0]
+    assert torch.allclose(out[1, :, 7:, :7], ref, atol=1e-5)
+    # with the residual layers deaf to the embedding, the label still reaches the output through the token
+    net = M.MnistUNet(M.MnistUNetConfig(T=10, channels=(8, 8, 16, 16), scale_shift=True, embed_token=True)).eval()
+    deaf = M.MnistUNet(M.MnistUNetConfig(T=10, channels=(8, 8, 16, 16), scale_shift=True)).eval()
+    for model in (net, deaf):
+        for layer in model.modules():
+            if isinstance(layer, M.ResidualLayer):
+                torch.nn.init.zeros_(layer.emb.weight)
+                torch.nn.init.zeros_(layer.emb.bias)
+    x_t, t = torch.randn(1, 1, 28, 28), torch.tensor([5])
+    with torch.no_grad():
+        assert not torch.allclose(net(x_t, t, torch.tensor([3])), net(x_t, t, torch.tensor([8])))
+        assert torch.equal(deaf(x_t, t, torch.tensor([3])), deaf(x_t, t, torch.tensor([8])))
+    # the flag trains such a network and its checkpoint rebuilds it
+    out = tmp_path / "token.pt"
+    r = run("train", *TINY_MODEL, "--embedding-token", "--limit", "64", "--epochs", "1", "--data", small_data, "--out", out)
+    assert r.returncode == 0, r.stderr
+    model, _, ckpt = M.load_unet(out)
+    assert ckpt["model_config"]["embed_token"] and all(b.attn.token is not None for b in [*model.down, *model.up])
+
+
 def test_scale_shift_with_a_silent_embedding_is_the_plain_layer():
     torch.manual_seed(0)
     plain, modulated = M.ResidualLayer(8, 16, 12, 4), M.ResidualLayer(8, 16, 12, 4, scale_shift=True)
