@@ -159,6 +159,22 @@ def render(source, out, locate=None, missing_hint=None):
     pdf.add_page()
     line_h = BODY_PT * 0.3528 * 1.45  # mm per line of body text
 
+    def write_code(code, h):
+        """Inline code word by word: a path, flag or command that does not fit in what is left of the
+        line starts the next one instead of being cut at the margin ("--preci" / "sion"), which would
+        also break it when copied; one longer than a whole line breaks between the parts of its name.
+        fpdf keeps a cell margin clear at each end of a line."""
+        line = pdf.epw - 2 * pdf.c_margin
+        for k, word in enumerate(code.replace("\\|", "|").split(" ")):
+            if k:
+                pdf.write(h, " ")
+            # a path longer than a line breaks after a '/' or '_', never inside a name
+            for part in re.split(r"(?<=[/_])", word) if pdf.get_string_width(word) > line else [word]:
+                room = pdf.w - pdf.r_margin - pdf.get_x() - 2 * pdf.c_margin
+                if room < pdf.get_string_width(part) <= line:
+                    pdf.ln(h)
+                pdf.write(h, part)
+
     def write_inline(text, size=BODY_PT, style="", height=None):
         """Flowing text with **bold**, *italic*, `code` and [links](url), wrapped at the margin."""
         h = height or size * 0.3528 * 1.45
@@ -168,11 +184,8 @@ def render(source, out, locate=None, missing_hint=None):
             link = ""
             if piece.startswith("`"):
                 pdf.set_font("Mono", "", size * 0.92)
-                piece = piece[1:-1]
-                room = pdf.w - pdf.r_margin - pdf.get_x()
-                first = piece.split(" ")[0]
-                if room < pdf.get_string_width(first) <= pdf.epw:
-                    pdf.ln(h)  # a path, flag or command is not split inside a word
+                write_code(piece[1:-1], h)
+                continue
             elif piece.startswith("**"):
                 pdf.set_font("Sans", "B" + style.replace("B", ""), size)
                 piece = piece[2:-2]

@@ -144,25 +144,33 @@ def test_the_from_scratch_estimate_leaves_out_time_a_run_spent_paused(tmp_path):
 
 
 def test_a_code_span_is_not_broken_inside_a_word(tmp_path, monkeypatch):
-    # Words before a flag in `code` shift it along the line; wherever it lands, its first word
-    # either fits in what is left of the line or starts the next one: fpdf would otherwise
-    # cut the word at the margin ("--preci" / "sion").
+    # Words before a command in `code` shift it along the line; wherever it lands, every word of
+    # it ends on the line it started on: fpdf would otherwise cut a word at the margin
+    # ("--preci" / "sion"), and a command copied from the PDF would be broken.
     from fpdf import FPDF
-    starts = []
+    words = []  # (word, (page, line) it started on, (page, line) it ended on, started at the left margin)
     original = FPDF.write
 
     def write(self, h, text, link=""):
-        if self.font_family.lower().startswith("mono"):
-            room = self.w - self.r_margin - self.get_x()
-            starts.append((self.get_string_width(text.split(" ")[0]), room, self.get_x() - self.l_margin))
-        return original(self, h, text, link)
+        before = ((self.page, self.get_y()), self.get_x() - self.l_margin < 0.01)
+        out = original(self, h, text, link)
+        if self.font_family.lower().startswith("mono") and text.strip():
+            words.append((text, before[0], (self.page, self.get_y()), before[1]))
+        return out
 
     monkeypatch.setattr(FPDF, "write", write)
-    body = " ".join(f"{'word ' * k}`--precision auto` and" for k in range(40))
+    long_path = "figures/" + "_".join(["a_part_of_a_name"] * 12) + ".json"  # longer than a line
+    command = f"`python mnist_ddpm.py train --precision auto --out checkpoints/study/a_long_name_40_epochs.pt {long_path}`"
+    body = " ".join(f"{'word ' * k}{command} and" for k in range(40))
     report.render(write_doc(tmp_path, body=body), tmp_path / "out.pdf")
-    assert len(starts) == 40
-    assert all(width <= room or at_margin < 0.01 for width, room, at_margin in starts)
-    assert any(at_margin < 0.01 for _, _, at_margin in starts)  # some did have to move to a new line
+    assert "".join(w for w, *_ in words) == command.strip("`").replace(" ", "") * 40  # all of it, in order
+    assert all(" " not in w for w, *_ in words)  # a word or part of a name per call, so breaks fall between them
+    # on the line it started on, or, begun at the margin of the page's last line, whole on the next page
+    assert all(start == end or (at_margin and end[0] == start[0] + 1) for _, start, end, at_margin in words)
+    assert sum(at_margin for *_, at_margin in words) >= 10  # many had to move to a new line
+    path_parts = [w for w, *_ in words if w not in command.strip("`").split()]
+    assert len(path_parts) > 40  # the long path was written in parts, and broke only between them
+    assert all(w.endswith(("/", "_")) or w.endswith(".json") for w in path_parts)
 
 
 NUMBER_WORDS = dict(enumerate(
