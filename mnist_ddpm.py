@@ -616,13 +616,13 @@ def cmd_prior(args, device):
         i, own_target, own = shown[(mask, "own")]
         _, other_target, moved = shown[(mask, "other")]
         removed = removed_region(mask)
-        panels = [(images[i, 0], f"test #{i}: a {labels[i].item()}"), (torch.where(removed, torch.full_like(images[i, 0], 0.5), images[i, 0]), f"{mask} removed")]
+        panels = [(images[i, 0], f"test #{i}:\na {labels[i].item()}"), (torch.where(removed, torch.full_like(images[i, 0], 0.5), images[i, 0]), f"{mask}\nremoved")]
         panels += [(own[c], f"as {own_target}") for c in range(min(n, 3))] + [(moved[c], f"as {other_target}") for c in range(min(n, 3))]
         for ax, (img, title) in zip(axes[r], panels):
             show_digit(ax, img)
-            ax.set_title(title, fontsize=8)
-    fig.suptitle(f"Inpainting test digits (T={diffusion.T}, w={args.w:g}): the original, what is kept (removed part grey), "
-                 "completions toward its own digit and toward another", fontsize=8.5)
+            ax.set_title(title, fontsize=9)
+    fig.suptitle(f"Inpainting test digits (T={diffusion.T}, w={args.w:g}): the original, what is kept (removed part grey),\n"
+                 "completions toward its own digit and toward another", fontsize=10)
     fig.tight_layout()
     utils.save_figure(fig, os.path.join(folder, "mnist_inpaint.png"))
     utils.save_json(os.path.join(folder, "mnist_inpaint.json"), numbers)
@@ -647,11 +647,11 @@ def cmd_prior(args, device):
         for c, img in enumerate([images[i, 0], *x]):
             show_digit(axes[r, c], img)
             if r == 0:
-                axes[r, c].set_title("original" if c == 0 else f"to {c - 1}", fontsize=8)
-        axes[r, 0].set_ylabel(f"t0={t0}", fontsize=8)
+                axes[r, c].set_title("original" if c == 0 else f"to {c - 1}", fontsize=9.5)
+        axes[r, 0].set_ylabel(f"t0={t0}", fontsize=9.5)
     fig.suptitle(f"SDEdit: test digit #{i}, a {labels[i].item()}, noised to step t0 and denoised toward each digit "
                  f"(T={diffusion.T}, w={args.w:g})",
-                 fontsize=8.5)
+                 fontsize=10)
     fig.tight_layout()
     utils.save_figure(fig, os.path.join(folder, "mnist_edit.png"))
     utils.save_json(os.path.join(folder, "mnist_edit.json"), numbers)

@@ -629,8 +629,7 @@ def task_inpaint(args, device, T=50, n=2000):
     numbers = {"T": T, "n": n, "seed": args.seed, "cases": []}
     fig, axes = plt.subplots(2, 3, figsize=(7.4, 5.6), sharey="row")
     grid = np.linspace(*DATA_BOX, 300)
-    colours = {("replace", "learned"): "C0", ("replace", "oracle"): "C9", ("repaint", "learned"): "C3",
-               ("repaint", "oracle"): "C1"}
+    colours = {"replace": "C0", "repaint": "C3"}  # one colour per method; solid learned, dashed oracle
     for ax, (known, v) in zip(axes.flat, INPAINT_CASES):
         other = 1 - known
         weights, means, _ = gmm.conditional(v, known)
@@ -654,19 +653,20 @@ def task_inpaint(args, device, T=50, n=2000):
             for driver, eps_fn, dev in (("learned", model, device), ("oracle", oracle, "cpu")):
                 x = inpaint_samples(eps_fn, diffusion, n, args.seed, known, v, resample, jump, device=dev)[:, other].numpy()
                 case["methods"][f"{method}_{driver}"] = summary(x)
-                ax.hist(x, bins=60, range=DATA_BOX, density=True, histtype="step", color=colours[method, driver],
-                        label=f"{method}, {driver}")
+                ax.hist(x, bins=60, range=DATA_BOX, density=True, histtype="step", color=colours[method],
+                        ls="-" if driver == "learned" else "--", lw=1.1, label=f"{method}, {driver}")
         numbers["cases"].append(case)
         ax.set_title(f"{('left', 'right')[known]} = {v:g}: {('right', 'left')[known]} pixel\n"
-                     f"exact share above {split:.2f}: {100 * upper:.0f}%", fontsize=8.5)
+                     f"exact share above {split:.2f}: {100 * upper:.0f}%", fontsize=10)
         ax.set_xlim(*DATA_BOX)
-        ax.tick_params(labelsize=8)
+        ax.set_xticks([0, 0.5, 1])
+        ax.tick_params(labelsize=9.5)
     for ax in axes[1]:
-        ax.set_xlabel("the filled-in pixel")
+        ax.set_xlabel("the filled-in pixel", fontsize=10)
     handles, names = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=5, fontsize=7.5, frameon=False)
+    fig.legend(handles, names, loc="lower center", ncol=5, fontsize=9.5, frameon=False, handlelength=2.5)
     fig.suptitle(f"Inpainting one pixel given the other (T = {T}, {n} samples per method, unconditional model)",
-                 fontsize=9)
+                 fontsize=10.5)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     out = os.path.join(args.figures, "twopixel_inpaint.png")
     utils.save_figure(fig, out)
