@@ -1,6 +1,7 @@
 """report.py: REPORT.md-style Markdown typeset as a PDF; parts on new pages; one-line errors."""
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -547,3 +548,22 @@ def test_the_two_more_seeds_paragraph_reports_their_evaluations(root):
     for name, w in (("shipped_guided", 0.25), ("shipped_guided", 0.2), ("reference_w_0.3", 0.3)):
         (a2, f2), (a3, f3) = printed_scores(os.path.join(root, "figures", "mnist_study"), name, (2, 3), w)
         assert f"{a2} and {a3}" in para and f"{f2} and {f3} times the floor" in para, (name, w)
+
+
+def test_the_shipped_model_at_eight_seeds_is_reported_from_its_evaluations(root):
+    # seeds 4 to 7 measure the shipped model alone; with seeds 0 to 3 they give its pooled share
+    text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
+    study, stem = os.path.join(root, "figures", "mnist_study"), "embedding_layers_2_ema_0.9998_40_epochs"
+    later = scored_entries(study, stem, (4, 5, 6, 7))
+    (a4, f4), (a5, f5), (a6, f6), (a7, f7) = printed_scores(study, stem, (4, 5, 6, 7))
+    real = [100 * ev["real_test_accuracy"] for ev, _ in later]
+    assert (f"{a4}, {a5}, {a6} and {a7} read as asked, at {f4}, {f5}, {f6} and {f7} times the Frechet floor, "
+            f"against real test digits read at {min(real):.1f}% to {max(real):.1f}% there") in text
+    every = scored_entries(os.path.join(root, "figures"), "mnist") + scored_entries(study, stem, (2, 3)) + later
+    share = as_asked(every)
+    error = 100 * math.sqrt(float(share) / 100 * (1 - float(share) / 100) / 8000)
+    assert f"Over all eight seeds it reads {share}% (one standard error {error:.2f} points)" in text
+    # the target at a seed: one point below the classifier's share of the real test digits drawn there
+    met = [seed for seed, (ev, e) in enumerate(every)
+           if round(1000 * e["accuracy"]) >= round(1000 * ev["real_test_accuracy"]) - 10]
+    assert f"which it meets at {NUMBER_WORDS[len(met)]} of the eight ({' and '.join(map(str, met))})" in text
