@@ -567,3 +567,22 @@ def test_the_shipped_model_at_eight_seeds_is_reported_from_its_evaluations(root)
     met = [seed for seed, (ev, e) in enumerate(every)
            if round(1000 * e["accuracy"]) >= round(1000 * ev["real_test_accuracy"]) - 10]
     assert f"which it meets at {NUMBER_WORDS[len(met)]} of the eight ({' and '.join(map(str, met))})" in text
+
+
+def test_the_sampler_step_sentence_reports_its_evaluations(root):
+    # the shipped model without guidance, strided DDPM over 100 and 50 of its 200 steps
+    text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
+    shares = {}
+    for steps in (100, 50, 200):
+        folder, stem = ((os.path.join(root, "figures"), "mnist") if steps == 200 else
+                        (os.path.join(root, "figures", "mnist_study"), f"shipped_ddpm_{steps}_steps"))
+        for seed in (0, 1):
+            with open(os.path.join(folder, f"{stem}_eval{f'_seed{seed}' if seed else ''}.json")) as f:
+                ev = json.load(f)
+            (e,) = [e for e in ev["by_w"] if e["w"] == 0 and e["sampler"] == "ddpm" and e["steps"] == steps]
+            assert ev["seed"] == seed and ev["checkpoint"].endswith("mnist_T200.pt") and ev["n_per_digit"] == 100
+            shares[steps, seed] = f"{100 * e['accuracy']:.1f}%"
+    assert (f"over 100 and over 50 of its 200 steps reads {shares[100, 0]} and {shares[100, 1]}, and "
+            f"{shares[50, 0]} and {shares[50, 1]} as asked (seeds 0 and 1; "
+            f"`figures/mnist_study/shipped_ddpm_{{100,50}}_steps_eval{{,_seed1}}.json`), against "
+            f"{shares[200, 0]} and {shares[200, 1]} over all 200") in text
