@@ -89,6 +89,17 @@ def parse(text):
     return blocks
 
 
+def name_parts(word):
+    """A long path cut after each '/' and '_' outside braces: "a_b/{c,d_e}.json" -> "a_", "b/", "{c,d_e}.json"."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(word):
+        depth += (ch == "{") - (ch == "}")
+        if ch in "/_" and depth == 0:
+            parts.append(word[start:i + 1])
+            start = i + 1
+    return parts + [word[start:]] if start < len(word) else parts
+
+
 def plain(text):
     """Inline Markdown removed: for table cells and headings."""
     text = re.sub(r"\[([^\]]+)\]\([^)]+\)", r"\1", text)
@@ -159,32 +170,40 @@ def render(source, out, locate=None, missing_hint=None):
     pdf.add_page()
     line_h = BODY_PT * 0.3528 * 1.45  # mm per line of body text
 
-    def write_code(code, h):
+    def write_code(code, h, size, lead="", style=""):
         """Inline code word by word: a path, flag or command that does not fit in what is left of the
         line starts the next one instead of being cut at the margin ("--preci" / "sion"), which would
         also break it when copied; one longer than a whole line breaks between the parts of its name.
+        `lead`, an opening bracket of the text before it, goes to the new line with the first word.
         fpdf keeps a cell margin clear at each end of a line."""
         line = pdf.epw - 2 * pdf.c_margin
+        pdf.set_font("Sans", style, size)
+        lead_width = pdf.get_string_width(lead)
+        pdf.set_font("Mono", "", size * 0.92)
         for k, word in enumerate(code.replace("\\|", "|").split(" ")):
             if k:
                 pdf.write(h, " ")
-            # a path longer than a line breaks after a '/' or '_', never inside a name
-            for part in re.split(r"(?<=[/_])", word) if pdf.get_string_width(word) > line else [word]:
+            for part in name_parts(word) if pdf.get_string_width(word) > line else [word]:
                 room = pdf.w - pdf.r_margin - pdf.get_x() - 2 * pdf.c_margin
-                if room < pdf.get_string_width(part) <= line:
+                if room < lead_width + pdf.get_string_width(part) <= line:
                     pdf.ln(h)
+                if lead:
+                    pdf.set_font("Sans", style, size)
+                    pdf.write(h, lead)
+                    pdf.set_font("Mono", "", size * 0.92)
+                    lead, lead_width = "", 0
                 pdf.write(h, part)
 
     def write_inline(text, size=BODY_PT, style="", height=None):
         """Flowing text with **bold**, *italic*, `code` and [links](url), wrapped at the margin."""
         h = height or size * 0.3528 * 1.45
-        for piece in INLINE.split(text):
-            if not piece:
-                continue
+        pieces = [piece for piece in INLINE.split(text) if piece]
+        lead = ""
+        for i, piece in enumerate(pieces):
             link = ""
             if piece.startswith("`"):
-                pdf.set_font("Mono", "", size * 0.92)
-                write_code(piece[1:-1], h)
+                write_code(piece[1:-1], h, size, lead, style)
+                lead = ""
                 continue
             elif piece.startswith("**"):
                 pdf.set_font("Sans", "B" + style.replace("B", ""), size)
@@ -199,7 +218,10 @@ def render(source, out, locate=None, missing_hint=None):
                 pdf.set_font("Sans", style, size)
             else:
                 pdf.set_font("Sans", style, size)
-            pdf.write(h, piece.replace("\\|", "|"), link)
+                if piece.endswith("(") and i + 1 < len(pieces) and pieces[i + 1].startswith("`"):
+                    piece, lead = piece[:-1], "("  # the bracket stays on the line of the code it opens
+            if piece:
+                pdf.write(h, piece.replace("\\|", "|"), link)
         pdf.set_font("Sans", style, size)
 
     def paragraph(text, size=BODY_PT, style="", after=2.2):

@@ -146,32 +146,46 @@ def test_the_from_scratch_estimate_leaves_out_time_a_run_spent_paused(tmp_path):
 
 def test_a_code_span_is_not_broken_inside_a_word(tmp_path, monkeypatch):
     # Words before a command in `code` shift it along the line; wherever it lands, every word of
-    # it ends on the line it started on: fpdf would otherwise cut a word at the margin
-    # ("--preci" / "sion"), and a command copied from the PDF would be broken.
+    # it ends on the line it started on (fpdf would otherwise cut a word at the margin, "--preci" /
+    # "sion", and a command copied from the PDF would be broken), a word moves to the next line
+    # only when it does not fit, and an opening bracket before the code moves with it.
     from fpdf import FPDF
-    words = []  # (word, (page, line) it started on, (page, line) it ended on, started at the left margin)
+    writes = []  # every call: its text, font, where it started and ended, the room it left and its width
     original = FPDF.write
 
     def write(self, h, text, link=""):
-        before = ((self.page, self.get_y()), self.get_x() - self.l_margin < 0.01)
+        start = (self.page, self.get_y(), self.get_x())
         out = original(self, h, text, link)
-        if self.font_family.lower().startswith("mono") and text.strip():
-            words.append((text, before[0], (self.page, self.get_y()), before[1]))
+        writes.append({"text": text, "mono": self.font_family.lower().startswith("mono"), "start": start,
+                       "end": (self.page, self.get_y(), self.get_x()), "room_after": self.w - self.r_margin
+                       - self.get_x() - 2 * self.c_margin, "width": self.get_string_width(text),
+                       "at_margin": start[2] - self.l_margin < 0.01, "ends_at_margin": self.get_x() - self.l_margin < 0.01})
         return out
 
     monkeypatch.setattr(FPDF, "write", write)
-    long_path = "figures/" + "_".join(["a_part_of_a_name"] * 12) + ".json"  # longer than a line
-    command = f"`python mnist_ddpm.py train --precision auto --out checkpoints/study/a_long_name_40_epochs.pt {long_path}`"
-    body = " ".join(f"{'word ' * k}{command} and" for k in range(40))
+    long_path = "figures/" + "_".join(["a_part_of_a_name"] * 12) + "{,_seed1}.json"  # longer than a line
+    command = f"python mnist_ddpm.py train --precision auto --out checkpoints/study/a_long_name_40_epochs.pt {long_path}"
+    body = " ".join(f"{'word ' * k}{'(' if k % 2 else ''}`{command}`{')' if k % 2 else ''} and" for k in range(40))
     report.render(write_doc(tmp_path, body=body), tmp_path / "out.pdf")
-    assert "".join(w for w, *_ in words) == command.strip("`").replace(" ", "") * 40  # all of it, in order
-    assert all(" " not in w for w, *_ in words)  # a word or part of a name per call, so breaks fall between them
+    words = [w for w in writes if w["mono"] and w["text"].strip()]
+    assert "".join(w["text"] for w in words) == command.replace(" ", "") * 40  # all of it, in order
+    assert all(" " not in w["text"] for w in words)  # a word or part of a name per call
     # on the line it started on, or, begun at the margin of the page's last line, whole on the next page
-    assert all(start == end or (at_margin and end[0] == start[0] + 1) for _, start, end, at_margin in words)
-    assert sum(at_margin for *_, at_margin in words) >= 10  # many had to move to a new line
-    path_parts = [w for w, *_ in words if w not in command.strip("`").split()]
-    assert len(path_parts) > 40  # the long path was written in parts, and broke only between them
-    assert all(w.endswith(("/", "_")) or w.endswith(".json") for w in path_parts)
+    assert all(w["start"][:2] == w["end"][:2] or (w["at_margin"] and w["end"][0] == w["start"][0] + 1) for w in words)
+    # the long path broke only between the parts of its name, never inside the braces
+    parts = [w["text"] for w in words if w["text"] not in command.split()]
+    assert len(parts) > 40 and all(p.endswith(("/", "_")) or p == "name{,_seed1}.json" for p in parts)
+    moved = 0
+    for before, w, after in zip(writes, writes[1:], writes[2:]):
+        if w["at_margin"] and not before["ends_at_margin"] and before["end"][0] == w["start"][0]:
+            # started a new line although the line before did not end at the margin: it did not fit there
+            needed = w["width"] + (after["width"] if w["text"] == "(" else 0)
+            assert (w["mono"] or w["text"] == "(") and before["room_after"] < needed, (before, w)
+            moved += 1
+    assert moved >= 10  # many had to move
+    brackets = [k for k, w in enumerate(writes) if w["text"] == "("]
+    assert len(brackets) == 20 and all(writes[k + 1]["mono"] and writes[k + 1]["start"][:2] == writes[k]["end"][:2]
+                                       for k in brackets)  # each on the line of the code it opens
 
 
 NUMBER_WORDS = dict(enumerate(
@@ -563,6 +577,8 @@ def test_the_shipped_model_at_eight_seeds_is_reported_from_its_evaluations(root)
     share = as_asked(every)
     error = 100 * math.sqrt(float(share) / 100 * (1 - float(share) / 100) / 8000)
     assert f"Over all eight seeds it reads {share}% (one standard error {error:.2f} points)" in text
+    assert f"seeds 4 to 7 alone read {as_asked(later)}%" in text
+    assert all(ev["checkpoint"].endswith("mnist_T200.pt") for ev, _ in later)  # the shipped model itself
     # the target at a seed: one point below the classifier's share of the real test digits drawn there
     met = [seed for seed, (ev, e) in enumerate(every)
            if round(1000 * e["accuracy"]) >= round(1000 * ev["real_test_accuracy"]) - 10]
@@ -572,7 +588,7 @@ def test_the_shipped_model_at_eight_seeds_is_reported_from_its_evaluations(root)
 def test_the_sampler_step_sentence_reports_its_evaluations(root):
     # the shipped model without guidance, strided DDPM over 100 and 50 of its 200 steps
     text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
-    shares = {}
+    shares, entries = {}, {}
     for steps in (100, 50, 200):
         folder, stem = ((os.path.join(root, "figures"), "mnist") if steps == 200 else
                         (os.path.join(root, "figures", "mnist_study"), f"shipped_ddpm_{steps}_steps"))
@@ -582,7 +598,12 @@ def test_the_sampler_step_sentence_reports_its_evaluations(root):
             (e,) = [e for e in ev["by_w"] if e["w"] == 0 and e["sampler"] == "ddpm" and e["steps"] == steps]
             assert ev["seed"] == seed and ev["checkpoint"].endswith("mnist_T200.pt") and ev["n_per_digit"] == 100
             shares[steps, seed] = f"{100 * e['accuracy']:.1f}%"
+            entries.setdefault(steps, []).append((ev, e))
     assert (f"over 100 and over 50 of its 200 steps reads {shares[100, 0]} and {shares[100, 1]}, and "
             f"{shares[50, 0]} and {shares[50, 1]} as asked (seeds 0 and 1; "
             f"`figures/mnist_study/shipped_ddpm_{{100,50}}_steps_eval{{,_seed1}}.json`), against "
             f"{shares[200, 0]} and {shares[200, 1]} over all 200") in text
+    pooled = [as_asked(entries[steps]) for steps in (50, 100, 200)]
+    assert f"that is {pooled[0]}%, {pooled[1]}% and {pooled[2]}% for 50, 100 and 200 steps" in text
+    steps_up = sorted(float(b - a) for a, b in zip(pooled, pooled[1:]))
+    assert f"if anything {steps_up[0]:.2f} to {steps_up[1]:.2f} points per doubling" in text
