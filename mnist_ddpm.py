@@ -176,7 +176,7 @@ class SelfAttention(nn.Module):
         q, k, v = tokens.chunk(3, dim=-1)
         if self.token is not None:  # windows are image-major: image b holds windows b * n ... (b + 1) * n - 1
             k_emb, v_emb = self.token(emb).repeat_interleave(len(q) // B, dim=0)[:, None].chunk(2, dim=-1)
-            k, v = torch.cat([k, k_emb.to(k.dtype)], dim=1), torch.cat([v, v_emb.to(v.dtype)], dim=1)
+            k, v = torch.cat([k, k_emb], dim=1), torch.cat([v, v_emb], dim=1)
         # softmax(q k^T / sqrt(C)) v written out: on a CPU this is about twice as fast as
         # F.scaled_dot_product_attention, whose fallback also scans for masked rows. Without
         # gradients (sampling) the windows go `group` at a time, so that their score matrices stay

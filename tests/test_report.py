@@ -193,21 +193,27 @@ NUMBER_WORDS = dict(enumerate(
     "seventeen eighteen nineteen twenty twenty-one twenty-two twenty-three twenty-four twenty-five".split()))
 
 
-def scored_at(ev, w):
-    """The study's setting in an evaluation: 100 samples per digit, DDPM with 200 steps, at w (None if not run)."""
+def matching(ev, w, steps=200):
+    """An evaluation's entries at w by DDPM over `steps` steps."""
+    return [e for e in ev["by_w"] if e["w"] == w and e["sampler"] == "ddpm" and e["steps"] == steps]
+
+
+def scored_at(ev, w, steps=200):
+    """The study's setting in an evaluation: 100 samples per digit, DDPM with 200 steps (or `steps`),
+    at w (None if not run)."""
     assert ev["n_per_digit"] == 100
-    found = [e for e in ev["by_w"] if e["w"] == w and e["sampler"] == "ddpm" and e["steps"] == 200]
+    found = matching(ev, w, steps)
     return found[-1] if found else None
 
 
-def scored_entries(folder, stem, seeds=(0, 1), w=0.0):
+def scored_entries(folder, stem, seeds=(0, 1), w=0.0, steps=200):
     """(evaluation, its entry at w in the study's setting) at each sampling seed; w = 0: without guidance."""
     found = []
     for seed in seeds:
         path = os.path.join(folder, f"{stem}_eval{f'_seed{seed}' if seed else ''}.json")
         with open(path) as f:
             ev = json.load(f)
-        e = scored_at(ev, w)
+        e = scored_at(ev, w, steps)
         assert ev["seed"] == seed and e is not None, path
         found.append((ev, e))
     return found
@@ -592,13 +598,10 @@ def test_the_sampler_step_sentence_reports_its_evaluations(root):
     for steps in (100, 50, 200):
         folder, stem = ((os.path.join(root, "figures"), "mnist") if steps == 200 else
                         (os.path.join(root, "figures", "mnist_study"), f"shipped_ddpm_{steps}_steps"))
-        for seed in (0, 1):
-            with open(os.path.join(folder, f"{stem}_eval{f'_seed{seed}' if seed else ''}.json")) as f:
-                ev = json.load(f)
-            (e,) = [e for e in ev["by_w"] if e["w"] == 0 and e["sampler"] == "ddpm" and e["steps"] == steps]
-            assert ev["seed"] == seed and ev["checkpoint"].endswith("mnist_T200.pt") and ev["n_per_digit"] == 100
+        entries[steps] = scored_entries(folder, stem, steps=steps)
+        for seed, (ev, e) in enumerate(entries[steps]):
+            assert ev["checkpoint"].endswith("mnist_T200.pt") and matching(ev, 0.0, steps) == [e]  # that one run
             shares[steps, seed] = f"{100 * e['accuracy']:.1f}%"
-            entries.setdefault(steps, []).append((ev, e))
     assert (f"over 100 and over 50 of its 200 steps reads {shares[100, 0]} and {shares[100, 1]}, and "
             f"{shares[50, 0]} and {shares[50, 1]} as asked (seeds 0 and 1; "
             f"`figures/mnist_study/shipped_ddpm_{{100,50}}_steps_eval{{,_seed1}}.json`), against "
