@@ -464,13 +464,14 @@ CLIP = (-1.0, 1.0)  # predicted clean images are clipped to the data range at ea
 
 
 def draw(model, diffusion, labels, w, seed, device, progress=False, sampler="ddpm", steps=None, eta=0.0,
-         guided_steps=None):
+         guided_steps=None, clip=True):
     """Samples for the given digits (n,) at guidance w (on the first guided_steps steps only, if given):
-    (n, 28, 28) float32 in [0, 1]. x_T and every z come from one generator seeded with `seed`."""
+    (n, 28, 28) float32 in [0, 1]. x_T and every z come from one generator seeded with `seed`. With
+    clip=False the predicted clean images are not clipped to CLIP on the way (the handout's step)."""
     gen = utils.make_generator(seed, device)
     x_T = torch.randn(len(labels), 1, 28, 28, generator=gen, device=device)
-    x_0 = utils.sample(diffusion, model, x_T, labels.to(device), w, gen, sampler, steps, eta, CLIP, progress,
-                       guided_steps)
+    x_0 = utils.sample(diffusion, model, x_T, labels.to(device), w, gen, sampler, steps, eta, CLIP if clip else None,
+                       progress, guided_steps)
     return to_pixels(x_0)[:, 0].cpu()
 
 
@@ -482,7 +483,7 @@ def cmd_sample(args, device):
     utils.check_steps(args.steps, diffusion)
     check_guided_steps(args.guided_steps, args.steps or diffusion.T)
     x = draw(model, diffusion, torch.full((args.n,), args.label), args.w, args.seed, device, not args.quiet,
-             args.sampler, args.steps, args.eta, args.guided_steps)
+             args.sampler, args.steps, args.eta, args.guided_steps, args.clip)
     utils.save_npy(args.out, x.numpy().astype(np.float32))
     print(f"wrote {args.out}: {args.n} samples of digit {args.label} at w={args.w:g}")
 
@@ -497,6 +498,12 @@ def add_guided_steps_flag(parser):
     parser.add_argument("--guided-steps", type=utils.positive_int, default=None, metavar="K",
                         help="guide only the first K sampling steps, the noisiest, and draw the rest without "
                              "guidance (one network pass instead of two); default: every step")
+
+
+def add_clip_flag(parser):
+    parser.add_argument("--no-clip", dest="clip", action="store_false",
+                        help=f"do not clip the predicted clean image to {list(CLIP)} at each step (the handout's "
+                             "step); default: clip")
 
 
 MASKS = ("top", "bottom", "left", "right", "centre")
@@ -1030,6 +1037,8 @@ def cmd_evaluate(args, device):
               "real_diversity_per_digit": real_div, "by_w": []}
     if args.guided_steps is not None:  # (absent: every step guided)
         result["guided_steps"] = args.guided_steps
+    if not args.clip:  # (absent: clipped)
+        result["clip_x0"] = False
     steps = args.steps or diffusion.T
     # An earlier run into the same file with the same model (its training record), n, seed and
     # classifier and data (the floor fingerprints them) keeps its entries: only new
@@ -1057,7 +1066,7 @@ def cmd_evaluate(args, device):
         else:
             t0 = time.perf_counter()
             x = draw(model, diffusion, labels, w, args.seed, device, not args.quiet, sampler, steps, args.eta,
-                     args.guided_steps)
+                     args.guided_steps, args.clip)
             seconds = time.perf_counter() - t0
             f = feats(x)
             pred = predict(f)
@@ -1079,10 +1088,10 @@ def cmd_evaluate(args, device):
 
 
 def same_evaluation(earlier, result):
-    """Whether an earlier evaluation file was made with the same model (its training record), n, seed
-    and guided steps, and the same classifier and data, which the Frechet floor fingerprints. The
+    """Whether an earlier evaluation file was made with the same model (its training record), n, seed,
+    guided steps and clipping, and the same classifier and data, which the Frechet floor fingerprints. The
     floor is compared to a millionth: its last digits change with the CPU's floating-point kernels."""
-    same = ("checkpoint", "T", "n_per_digit", "seed", "model", "guided_steps")
+    same = ("checkpoint", "T", "n_per_digit", "seed", "model", "guided_steps", "clip_x0")
     return (isinstance(earlier, dict) and all(earlier.get(k) == result.get(k) for k in same)
             and math.isclose(earlier["frechet_floor_train_vs_test"], result["frechet_floor_train_vs_test"], rel_tol=1e-6))
 
@@ -1592,6 +1601,7 @@ def build_parser():
     q.add_argument("--out", required=True, help="output .npy file")
     utils.add_sampler_flags(q)
     add_guided_steps_flag(q)
+    add_clip_flag(q)
     common(q)
 
     q = sub.add_parser("grid", help="draw the 10 x 10 grid and the guidance comparison",
@@ -1697,6 +1707,7 @@ def build_parser():
     common(q)
     utils.add_sampler_flags(q)
     add_guided_steps_flag(q)
+    add_clip_flag(q)
     return p
 
 

@@ -173,6 +173,30 @@ def test_sample_writes_the_contracted_array_and_repeats(root, tiny_ckpt, tmp_pat
     assert a.read_bytes() == b.read_bytes()
 
 
+def test_sample_no_clip_runs_the_handouts_reverse_step(root, tiny_ckpt, tmp_path):
+    """--no-clip: the chain of Ho et al. eq. 11 written out here, step by step, from the same noise."""
+    r = run("sample", "--checkpoint", tiny_ckpt, "--label", 4, "--n", 3, "--w", 0, "--seed", 2, "--no-clip",
+            "--out", tmp_path / "free.npy", "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = run("sample", "--checkpoint", tiny_ckpt, "--label", 4, "--n", 3, "--w", 0, "--seed", 2,
+            "--out", tmp_path / "clipped.npy", "--quiet")
+    assert r.returncode == 0, r.stderr
+    model, diffusion, _ = M.load_unet(str(tiny_ckpt), None, "cpu")
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(3, 1, 28, 28, generator=gen), torch.full((3,), 4)
+    with torch.no_grad():
+        for t in range(diffusion.T - 1, -1, -1):
+            beta, abar = diffusion.betas[t].item(), diffusion.alphas_cumprod[t].item()
+            eps = model(x, torch.full((3,), t), y)
+            x = (x - beta / math.sqrt(1 - abar) * eps) / math.sqrt(1 - beta)
+            if t > 0:
+                x = x + diffusion.posterior_variance[t].sqrt().item() * torch.randn(x.shape, generator=gen)
+    expected = ((x[:, 0] + 1) / 2).clamp(0, 1).numpy()
+    free, clipped = np.load(tmp_path / "free.npy"), np.load(tmp_path / "clipped.npy")
+    np.testing.assert_allclose(free, expected, atol=1e-4)  # (float32 rounding)
+    assert np.abs(clipped - expected).max() > 0.1  # clipping (the default) changes the chain
+
+
 def test_grid_trajectory_animate_and_evaluate_write_their_files(root, tiny_ckpt, tiny_clf, small_data, tmp_path):
     r = run("grid", "--checkpoint", tiny_ckpt, "--ws", 0, 2, "--out", tmp_path / "mnist_grid.png", "--quiet")
     assert r.returncode == 0, r.stderr
@@ -232,6 +256,7 @@ def test_an_evaluation_file_is_kept_only_for_the_same_model_and_settings():
     assert M.same_evaluation({**result, "frechet_floor_train_vs_test": 24.34176716172332}, result)
     assert not M.same_evaluation({**result, "frechet_floor_train_vs_test": 24.35}, result)  # other data
     assert not M.same_evaluation({**result, "guided_steps": 40}, result)
+    assert not M.same_evaluation({**result, "clip_x0": False}, result)
     assert not M.same_evaluation({**result, "seed": 1}, result)
     assert not M.same_evaluation({**result, "model": {"seed": 0, "final_loss": 0.013}}, result)
     assert not M.same_evaluation([result], result)

@@ -591,6 +591,35 @@ def test_the_shipped_model_at_eight_seeds_is_reported_from_its_evaluations(root)
     assert f"which it meets at {NUMBER_WORDS[len(met)]} of the eight ({' and '.join(map(str, met))})" in text
 
 
+def test_the_clip_sentences_report_their_evaluations(root):
+    # the shipped model without guidance, with and without the clip of x0_hat, from the same noise
+    import mnist_ddpm
+    text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
+    free = scored_entries(os.path.join(root, "figures", "mnist_study"), "shipped_no_clip")
+    clipped = scored_entries(os.path.join(root, "figures"), "mnist")
+    for (ev, e), (ev_c, e_c) in zip(free, clipped):
+        assert ev["clip_x0"] is False and "clip_x0" not in ev_c  # unclipped against the default
+        assert ev["checkpoint"].endswith("mnist_T200.pt") and ev["model"] == ev_c["model"]
+        assert matching(ev, 0.0) == [e] and ev["seed"] == ev_c["seed"]
+        assert max(len(e["misread"]), len(e_c["misread"])) < mnist_ddpm.MISREAD_KEPT  # all of them kept
+    shares = [f"{100 * e['accuracy']:.1f}%" for _, e in free]
+    ratios = [f"{e['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f}" for ev, e in free]
+    shared = [len({m["index"] for m in e["misread"]} & {m["index"] for m in e_c["misread"]})
+              for (_, e), (_, e_c) in zip(free, clipped)]
+    counts = [len(e_c["misread"]) for _, e_c in clipped]
+    words = ["all" if n == c else f"{n} of the" for n, c in zip(shared, counts)]
+    assert (f"the shipped model reads {shares[0]} and {shares[1]} as asked, at {ratios[0]} and {ratios[1]} "
+            f"times the Frechet floor (`figures/mnist_study/shipped_no_clip_eval{{,_seed1}}.json`), and from "
+            f"the same noise it misreads {words[0]} {counts[0]} of the samples it misreads with the clip at "
+            f"seed 0 and {words[1]} {counts[1]} at seed 1") in text
+    most = max(abs(round(1000 * e["accuracy"]) - round(1000 * e_c["accuracy"])) for (_, e), (_, e_c) in zip(free, clipped))
+    assert f"by at most {most / 10:.1f} points" in text
+    readme = " ".join(open(os.path.join(root, "README.md"), encoding="utf-8").read().split())
+    with_clip = [f"{100 * e['accuracy']:.1f}%" for _, e in clipped]
+    assert (f"reads {shares[0]} and {shares[1]} as asked, against {with_clip[0]} and {with_clip[1]} "
+            "with the clip") in readme
+
+
 def test_the_sampler_step_sentence_reports_its_evaluations(root):
     # the shipped model without guidance, strided DDPM over 100 and 50 of its 200 steps
     text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
