@@ -485,7 +485,7 @@ def cmd_sample(args, device):
     x = draw(model, diffusion, torch.full((args.n,), args.label), args.w, args.seed, device, not args.quiet,
              args.sampler, args.steps, args.eta, args.guided_steps, args.clip)
     utils.save_npy(args.out, x.numpy().astype(np.float32))
-    print(f"wrote {args.out}: {args.n} samples of digit {args.label} at w={args.w:g}")
+    print(f"wrote {args.out}: {args.n} samples of digit {args.label} at w={args.w:g}{'' if args.clip else ', unclipped'}")
 
 
 def check_guided_steps(guided_steps, steps):
@@ -502,8 +502,8 @@ def add_guided_steps_flag(parser):
 
 def add_clip_flag(parser):
     parser.add_argument("--no-clip", dest="clip", action="store_false",
-                        help=f"do not clip the predicted clean image to {list(CLIP)} at each step (the handout's "
-                             "step); default: clip")
+                        help=f"do not clip the predicted clean image to [{CLIP[0]:g}, {CLIP[1]:g}] at each step "
+                             "(the handout's reverse step, Ho et al. eq. 11); default: clip")
 
 
 MASKS = ("top", "bottom", "left", "right", "centre")
@@ -1040,8 +1040,8 @@ def cmd_evaluate(args, device):
     if not args.clip:  # (absent: clipped)
         result["clip_x0"] = False
     steps = args.steps or diffusion.T
-    # An earlier run into the same file with the same model (its training record), n, seed and
-    # classifier and data (the floor fingerprints them) keeps its entries: only new
+    # An earlier run into the same file with the same model (its training record), n, seed, guided
+    # steps, clipping, classifier and data (the floor fingerprints them) keeps its entries: only new
     # (w, sampler, steps, eta) settings are sampled.
     kept = {}
     if os.path.exists(args.out):
@@ -1701,8 +1701,9 @@ def build_parser():
     q.add_argument("--data", default=DEFAULT_DATA, help=f"npz with the real digits (default {DEFAULT_DATA})")
     q.add_argument("--out", default=os.path.join("figures", "mnist_eval.json"),
                    help="where the results go (JSON; the figure goes beside it as .png, the misread samples as "
-                        "<name>_misread.png). Settings already in this file from the same model, n, seed and classifier "
-                        "are kept, not sampled again, unless they were saved without their misread samples")
+                        "<name>_misread.png). Settings already in this file from the same model, n, seed, guided steps, "
+                        "clipping and classifier are kept, not sampled again, unless they were saved without their "
+                        "misread samples")
     q.add_argument("--replot", action="store_true", help="only redraw the figure from the results already in --out")
     common(q)
     utils.add_sampler_flags(q)

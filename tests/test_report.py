@@ -603,21 +603,21 @@ def test_the_clip_sentences_report_their_evaluations(root):
         assert matching(ev, 0.0) == [e] and ev["seed"] == ev_c["seed"]
         assert max(len(e["misread"]), len(e_c["misread"])) < mnist_ddpm.MISREAD_KEPT  # all of them kept
     shares = [f"{100 * e['accuracy']:.1f}%" for _, e in free]
-    ratios = [f"{e['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f}" for ev, e in free]
-    shared = [len({m["index"] for m in e["misread"]} & {m["index"] for m in e_c["misread"]})
-              for (_, e), (_, e_c) in zip(free, clipped)]
-    counts = [len(e_c["misread"]) for _, e_c in clipped]
-    words = ["all" if n == c else f"{n} of the" for n, c in zip(shared, counts)]
+    ratios = [f"{e['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f}" for ev, e in free + clipped]
+    misread = [{m["index"]: m["read"] for m in e["misread"]} for _, e in free + clipped]
+    shared = [misread[seed].keys() & misread[2 + seed].keys() for seed in (0, 1)]
+    assert all(misread[seed][i] == misread[2 + seed][i] for seed in (0, 1) for i in shared[seed])  # same wrong digit
     assert (f"the shipped model reads {shares[0]} and {shares[1]} as asked, at {ratios[0]} and {ratios[1]} "
-            f"times the Frechet floor (`figures/mnist_study/shipped_no_clip_eval{{,_seed1}}.json`), and from "
-            f"the same noise it misreads {words[0]} {counts[0]} of the samples it misreads with the clip at "
-            f"seed 0 and {words[1]} {counts[1]} at seed 1") in text
+            f"times the Frechet floor (`figures/mnist_study/shipped_no_clip_eval{{,_seed1}}.json`; {ratios[2]} and "
+            f"{ratios[3]} with the clip). From the same noise, {len(shared[0])} of its {len(misread[0])} misreads at "
+            f"seed 0 and {len(shared[1])} of its {len(misread[1])} at seed 1 are samples it misreads with the clip too "
+            f"(of {len(misread[2])} and {len(misread[3])}), each read as the same wrong digit") in text
     most = max(abs(round(1000 * e["accuracy"]) - round(1000 * e_c["accuracy"])) for (_, e), (_, e_c) in zip(free, clipped))
-    assert f"by at most {most / 10:.1f} points" in text
+    assert f"share read as asked without guidance by at most {most / 10:.1f} points" in text
     readme = " ".join(open(os.path.join(root, "README.md"), encoding="utf-8").read().split())
     with_clip = [f"{100 * e['accuracy']:.1f}%" for _, e in clipped]
-    assert (f"reads {shares[0]} and {shares[1]} as asked, against {with_clip[0]} and {with_clip[1]} "
-            "with the clip") in readme
+    assert (f"reads {shares[0]} and {shares[1]} as asked at seeds 0 and 1, against {with_clip[0]} and "
+            f"{with_clip[1]} with the clip") in readme
 
 
 def test_the_sampler_step_sentence_reports_its_evaluations(root):
