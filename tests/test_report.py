@@ -219,10 +219,21 @@ def scored_entries(folder, stem, seeds=(0, 1), w=0.0, steps=200):
     return found
 
 
+def printed(entries):
+    """As asked and Frechet / floor of each (evaluation, entry) pair, as the report prints them."""
+    return [(f"{100 * e['accuracy']:.1f}%", f"{e['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f}")
+            for ev, e in entries]
+
+
 def printed_scores(folder, stem, seeds=(0, 1), w=0.0):
     """As asked and Frechet / floor at w at each sampling seed, as the report prints them."""
-    return [(f"{100 * e['accuracy']:.1f}%", f"{e['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f}")
-            for ev, e in scored_entries(folder, stem, seeds, w)]
+    return printed(scored_entries(folder, stem, seeds, w))
+
+
+def flowing(root, name):
+    """A Markdown file of the project with its line breaks and runs of spaces as single spaces."""
+    with open(os.path.join(root, name), encoding="utf-8") as f:
+        return " ".join(f.read().split())
 
 
 def table_rows(text, header):
@@ -409,7 +420,7 @@ def test_the_shared_misreads_paragraph_reports_the_study_numbers(root):
     # every slower average of a run's weights is named for its decay; the rest are further trainings
     assert averages | repeats <= {run["stem"] for run in after if "ema_0.999" in run["stem"]}
     later = [run["seeds"] for run in after if "ema_0.999" not in run["stem"]]
-    text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
+    text = flowing(root, "REPORT.md")
     counts = [[s[seed] for s in later] for seed in (0, 1)]
     pooled = " and ".join(f"{sum(s['also_misread_by_reference'] for s in c)} of {sum(s['misread'] for s in c)} at seed {i}"
                           for i, c in enumerate(counts))
@@ -441,7 +452,7 @@ def test_the_shared_misreads_paragraph_reports_the_study_numbers(root):
 
 
 def test_the_heldout_sentence_reports_the_saved_comparisons(root):
-    text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
+    text = flowing(root, "REPORT.md")
     cells, seconds = [], []
     for stem in ("min_snr_1_lr_2e-3_p_uncond_0.05", "embedding_layers_2_ema_0.999"):
         with open(os.path.join(root, "figures", "mnist_study", f"{stem}_40_epochs_heldout.json")) as f:
@@ -463,7 +474,7 @@ def test_the_heldout_sentence_reports_the_saved_comparisons(root):
 
 
 def test_the_dropout_paragraph_reports_its_evaluations_and_heldout_loss(root):
-    text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
+    text = flowing(root, "REPORT.md")
     folder = os.path.join(root, "figures", "mnist_study")
     scores = functools.partial(printed_scores, folder)
     (a0, f0), (a1, f1) = scores("embedding_layers_2_dropout_0.1_40_epochs")
@@ -490,7 +501,7 @@ def test_the_dropout_paragraph_reports_its_evaluations_and_heldout_loss(root):
 
 def test_the_study_counts_in_the_prose_follow_the_design_runs(root):
     import mnist_ddpm
-    text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
+    text = flowing(root, "REPORT.md")
     stems = [stem for stem, _ in mnist_ddpm.DESIGN_RUNS]
     averages = [stem for stem in stems if "ema_0.999" in stem]  # slower averages of a run's weights, not trainings
     after = len(stems) - 1 - stems.index(mnist_ddpm.REFERENCE_RUN)
@@ -504,13 +515,13 @@ def test_the_study_counts_in_the_prose_follow_the_design_runs(root):
             f"kept for {NUMBER_WORDS[len(averaged)]} of them, {len(stems)} "
             f"models in all") in text
     assert f"{len(stems)} models of the study does at one seed or both" in text
-    readme = " ".join(open(os.path.join(root, "README.md"), encoding="utf-8").read().split())
+    readme = flowing(root, "README.md")
     assert f"none of the {len(stems)} models of the design study" in readme
 
 
 def test_the_second_training_of_the_two_layer_embedding_is_reported_from_its_evaluations(root):
     import mnist_ddpm
-    text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
+    text = flowing(root, "REPORT.md")
     folder = os.path.join(root, "figures", "mnist_study")
     scores = functools.partial(printed_scores, folder)
     first, first_slow = "embedding_layers_2_min_snr_1_lr_2e-3_p_uncond_0.05_40_epochs", "embedding_layers_2_ema_0.9998_40_epochs"
@@ -562,7 +573,7 @@ def test_the_second_training_of_the_two_layer_embedding_is_reported_from_its_eva
 
 def test_the_two_more_seeds_paragraph_reports_their_evaluations(root):
     # the default w at seeds 2 and 3, beside w = 0.2 and the reference model at its default
-    text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
+    text = flowing(root, "REPORT.md")
     para = text[text.index("**Two more seeds.**"):]
     para = para[:para.index("**", len("**Two more seeds.**"))]
     for name, w in (("shipped_guided", 0.25), ("shipped_guided", 0.2), ("reference_w_0.3", 0.3)):
@@ -572,7 +583,7 @@ def test_the_two_more_seeds_paragraph_reports_their_evaluations(root):
 
 def test_the_shipped_model_at_eight_seeds_is_reported_from_its_evaluations(root):
     # seeds 4 to 7 measure the shipped model alone; with seeds 0 to 3 they give its pooled share
-    text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
+    text = flowing(root, "REPORT.md")
     study, stem = os.path.join(root, "figures", "mnist_study"), "embedding_layers_2_ema_0.9998_40_epochs"
     later = scored_entries(study, stem, (4, 5, 6, 7))
     (a4, f4), (a5, f5), (a6, f6), (a7, f7) = printed_scores(study, stem, (4, 5, 6, 7))
@@ -594,7 +605,7 @@ def test_the_shipped_model_at_eight_seeds_is_reported_from_its_evaluations(root)
 def test_the_clip_sentences_report_their_evaluations(root):
     # the shipped model without guidance, with and without the clip of x0_hat, from the same noise
     import mnist_ddpm
-    text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
+    text = flowing(root, "REPORT.md")
     free = scored_entries(os.path.join(root, "figures", "mnist_study"), "shipped_no_clip")
     clipped = scored_entries(os.path.join(root, "figures"), "mnist")
     for (ev, e), (ev_c, e_c) in zip(free, clipped):
@@ -602,8 +613,7 @@ def test_the_clip_sentences_report_their_evaluations(root):
         assert ev["checkpoint"].endswith("mnist_T200.pt") and ev["model"] == ev_c["model"]
         assert matching(ev, 0.0) == [e] and ev["seed"] == ev_c["seed"]
         assert max(len(e["misread"]), len(e_c["misread"])) < mnist_ddpm.MISREAD_KEPT  # all of them kept
-    shares = [f"{100 * e['accuracy']:.1f}%" for _, e in free]
-    ratios = [f"{e['frechet_distance'] / ev['frechet_floor_train_vs_test']:.2f}" for ev, e in free + clipped]
+    shares, ratios = zip(*printed(free + clipped))
     misread = [{m["index"]: m["read"] for m in e["misread"]} for _, e in free + clipped]
     shared = [misread[seed].keys() & misread[2 + seed].keys() for seed in (0, 1)]
     assert all(misread[seed][i] == misread[2 + seed][i] for seed in (0, 1) for i in shared[seed])  # same wrong digit
@@ -614,15 +624,14 @@ def test_the_clip_sentences_report_their_evaluations(root):
             f"(of {len(misread[2])} and {len(misread[3])}), each read as the same wrong digit") in text
     most = max(abs(round(1000 * e["accuracy"]) - round(1000 * e_c["accuracy"])) for (_, e), (_, e_c) in zip(free, clipped))
     assert f"share read as asked without guidance by at most {most / 10:.1f} points" in text
-    readme = " ".join(open(os.path.join(root, "README.md"), encoding="utf-8").read().split())
-    with_clip = [f"{100 * e['accuracy']:.1f}%" for _, e in clipped]
-    assert (f"reads {shares[0]} and {shares[1]} as asked at seeds 0 and 1, against {with_clip[0]} and "
-            f"{with_clip[1]} with the clip") in readme
+    readme = flowing(root, "README.md")
+    assert (f"reads {shares[0]} and {shares[1]} as asked at seeds 0 and 1, against {shares[2]} and "
+            f"{shares[3]} with the clip") in readme
 
 
 def test_the_sampler_step_sentence_reports_its_evaluations(root):
     # the shipped model without guidance, strided DDPM over 100 and 50 of its 200 steps
-    text = " ".join(open(os.path.join(root, "REPORT.md"), encoding="utf-8").read().split())
+    text = flowing(root, "REPORT.md")
     shares, entries = {}, {}
     for steps in (100, 50, 200):
         folder, stem = ((os.path.join(root, "figures"), "mnist") if steps == 200 else
