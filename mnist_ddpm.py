@@ -353,7 +353,7 @@ def train_settings(args):
     """The training settings `train` records in its checkpoint, from its flags."""
     return {"seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
             "p_uncond": args.p_uncond, "ema_decay": args.ema, "min_snr": args.min_snr,
-            "min_snr_mode": args.min_snr_mode, "extra_ema": list(args.extra_ema)}
+            "min_snr_mode": args.min_snr_mode, "extra_ema": list(args.extra_ema), "model_guidance": args.model_guidance}
 
 
 def extra_ema_path(out, decay):
@@ -387,7 +387,7 @@ def cmd_train(args, device):
     if args.resume:
         state = utils.load_checkpoint(resume_path, KIND + "-resume", f"{TRAIN_COMMAND} --out {out}")
         with utils.checkpoint_format(resume_path):  # settings the file predates take their defaults
-            saved = {"min_snr_mode": "weight", "extra_ema": [],
+            saved = {"min_snr_mode": "weight", "extra_ema": [], "model_guidance": 0.0,
                      **config_dict(unet_config(state["model_config"])), **state["run"]}
         current = {**config_dict(config), **run}
         differ = [f"{k} {saved.get(k)} there, {current.get(k)} here" for k in sorted(saved.keys() | current.keys())
@@ -415,7 +415,8 @@ def cmd_train(args, device):
                 losses.append(utils.train_step(model, ema, optimizer, diffusion, x_all[idx].to(device),
                                                labels[idx].to(device), gen, lr, args.p_uncond,
                                                bf16=precision == "bf16", min_snr=args.min_snr,
-                                               min_snr_mode=args.min_snr_mode, prediction=args.prediction))
+                                               min_snr_mode=args.min_snr_mode, prediction=args.prediction,
+                                               model_guidance=args.model_guidance))
                 for extra in extra_emas:
                     extra.update_parameters(model)
                 if i % 10 == 0:
@@ -1568,6 +1569,11 @@ def build_parser():
                         "whose loss weighs the clean image's error at least as much as at every step, the noisiest "
                         "included (with --min-snr GAMMA the weight of the image error is min(1 + SNR, GAMMA)); "
                         "default eps")
+    q.add_argument("--model-guidance", type=utils.fraction, default=0.0, metavar="M",
+                   help="model guidance: train each labelled example toward eps + M (eps(x_t, y) - eps(x_t, none)), "
+                        "the network's own two predictions held fixed, so that it learns the guided prediction of "
+                        "w = M / (1 - M) and draws like that without guidance, at one pass per step (one more "
+                        "forward pass per batch in training; default 0: the plain target)")
     q.add_argument("--dropout", type=utils.fraction, default=0.0, metavar="P",
                    help="in training only, the probability of zeroing each activation (channel and pixel) entering the "
                         "second conv of every residual layer; the kept ones are scaled by 1 / (1 - P), the masks "

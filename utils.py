@@ -99,7 +99,7 @@ class Diffusion:
         return (snr.clamp(max=gamma) / snr).float()
 
     def training_loss(self, model, x_0, y, generator, p_uncond=0.1, loss_type="l2", min_snr=None,
-                      min_snr_mode="weight", prediction="eps"):
+                      min_snr_mode="weight", prediction="eps", model_guidance=0.0):
         """The simplified DDPM objective E_{t, x_0, eps} || eps - eps_theta(x_t, t, y) || (Ho et al.
         2020 eq. 14), with each label replaced by NULL_LABEL with probability p_uncond so that
         one network also learns the unconditional eps(x_t, t, none) (Ho & Salimans 2022, alg. 1).
@@ -119,6 +119,16 @@ class Diffusion:
         prediction = "v": the model predicts v and turns it into eps itself; the loss is that of v
         (see min_snr_weights), written on the noise error.
 
+        model_guidance = m > 0 (model guidance, Tang et al. 2025): every labelled example is trained
+        toward eps + m (eps_theta(x_t, t, y) - eps_theta(x_t, t, none)) instead of eps, both
+        predictions from the network itself and held constant (no gradient; the unconditional one
+        costs one more forward pass). Where the network matches its target, eps_theta(x_t, t, y) =
+        eps*(y) + m / (1 - m) (eps*(y) - eps*(none)) with eps* the plain objective's optimum: the
+        guided prediction of Ho & Salimans eq. 6 at w = m / (1 - m), learnt by the conditional
+        network, so that sampling it without guidance draws what guidance at that w would, at one
+        network pass per step. Unlabelled examples keep the plain target eps (their two predictions
+        are the same).
+
         x_0: (B, ...) clean data; y: (B,) int64 labels or None. Returns the scalar mean loss.
         """
         B, device = x_0.shape[0], x_0.device
@@ -137,7 +147,12 @@ class Diffusion:
         if y is not None and p_uncond > 0:
             drop = torch.rand(B, generator=generator, device=device) < p_uncond
             y = torch.where(drop, torch.full_like(y, NULL_LABEL), y)
-        eps_pred = model(self.q_sample(x_0, t, noise), t, y)
+        x_t = self.q_sample(x_0, t, noise)
+        eps_pred = model(x_t, t, y)
+        if model_guidance and y is not None:
+            with torch.no_grad():
+                eps_uncond = model(x_t, t, torch.full_like(y, NULL_LABEL))
+            noise = noise + model_guidance * (eps_pred.detach() - eps_uncond).float()  # 0 where the label was dropped
         if not weighted:
             return noise_loss(eps_pred, noise, loss_type)
         if loss_type != "l2":
@@ -411,14 +426,15 @@ def cosine_lr(step, total, lr, warmup):
 
 
 def train_step(model, ema, optimizer, diffusion, x_0, y, generator, lr, p_uncond=0.1, loss_type="l2", clip=1.0,
-               bf16=False, min_snr=None, min_snr_mode="weight", prediction="eps"):
+               bf16=False, min_snr=None, min_snr_mode="weight", prediction="eps", model_guidance=0.0):
     """One optimisation step on a batch: loss, backward, gradient clipping, Adam, EMA. Returns the loss.
     With bf16, the model's matrix products and convolutions run in bfloat16 (torch.autocast);
     the weights, their gradients, the loss and the optimiser stay float32."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with torch.autocast(x_0.device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = diffusion.training_loss(model, x_0, y, generator, p_uncond, loss_type, min_snr, min_snr_mode, prediction)
+        loss = diffusion.training_loss(model, x_0, y, generator, p_uncond, loss_type, min_snr, min_snr_mode, prediction,
+                                       model_guidance)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)

@@ -119,7 +119,7 @@ def test_training_lowers_the_loss_and_records_metadata(tiny_ckpt):
     for key in ("epochs_done", "seconds", "final_loss", "seed"):
         assert key in ckpt["train"]
     assert ckpt["train"]["min_snr"] == 1.0  # the shipped recipe's weighting is the default
-    assert ckpt["train"]["min_snr_mode"] == "weight"
+    assert ckpt["train"]["min_snr_mode"] == "weight" and ckpt["train"]["model_guidance"] == 0.0
 
 
 def test_the_shipped_checkpoint_is_what_the_default_train_command_makes(root):
@@ -127,7 +127,7 @@ def test_the_shipped_checkpoint_is_what_the_default_train_command_makes(root):
     defaults of `mnist_ddpm.py train`, or the README's command would train another model."""
     ckpt = torch.load(os.path.join(root, "checkpoints", "mnist_T200.pt"), map_location="cpu", weights_only=True)
     args = M.build_parser().parse_args(["train"])
-    recorded = {"extra_ema": [], **ckpt["train"]}  # written before --extra-ema existed
+    recorded = {"extra_ema": [], "model_guidance": 0.0, **ckpt["train"]}  # written before these flags existed
     for key, default in M.train_settings(args).items():
         assert recorded[key] == default, key
     assert recorded["epochs_done"] == args.epochs and recorded["images"] == 60000
@@ -341,6 +341,7 @@ def test_frechet_distance_of_shifted_gaussians():
     (["grid", "--out", "grid.jpeg"], "must end in .png"),
     (["heldout", "--out", "losses.txt"], "must end in .json"),
     (["train", "--dropout", "1"], "a number in [0, 1)"),
+    (["train", "--model-guidance", "1"], "a number in [0, 1)"),
 ])
 def test_bad_flags(run_here, args, needle):
     status, _, err = run_here("mnist_ddpm.py", *args)
@@ -395,6 +396,7 @@ def test_ctrl_c_keeps_finished_epochs_and_resume_ends_like_an_uninterrupted_run(
     resume = str(cut) + ".resume.pt"  # as written before --embedding-layers existed: one layer, not recorded
     state = torch.load(resume, weights_only=True)
     del state["model_config"]["embed_layers"]
+    del state["run"]["model_guidance"]  # nor --model-guidance (off then)
     torch.save(state, resume)
     r = run("train", *settings, "--out", cut, "--resume")
     assert r.returncode == 0, r.stderr
@@ -706,6 +708,66 @@ def test_v_prediction_gives_the_noise_and_the_loss_of_v():
     assert torch.allclose(w * err, 0.01 * (snr[t].float() + 1).clamp(max=gamma) / (1 + snr[t].float()), rtol=1e-2)
     with pytest.raises(ValueError, match="choose 'eps' or 'v'"):
         M.MnistUNet(M.MnistUNetConfig(T=T, channels=(8, 8, 16, 16), prediction="x0"))
+
+
+def test_model_guidance_trains_labelled_examples_toward_the_guided_noise():
+    T, m, p_uncond = 20, 0.3, 0.3
+    diffusion = utils.Diffusion(T, "cosine")
+    scale = torch.tensor(1.5, requires_grad=True)
+
+    def model(x, t, y):  # depends on the label (none = -1), so eps(y) - eps(none) is not zero
+        return scale * x * (1 + 0.1 * (y + 1))[:, None, None, None] + 0.01 * t[:, None, None, None]
+
+    x_0, y = torch.rand(64, 1, 2, 2) * 2 - 1, torch.arange(64) % 10
+    for gamma in (None, 1.0):
+        loss = diffusion.training_loss(model, x_0, y, utils.make_generator(4), p_uncond, min_snr=gamma,
+                                       model_guidance=m)
+        (grad,) = torch.autograd.grad(loss, scale)
+        gen = utils.make_generator(4)  # the same draws by hand
+        t = torch.randint(0, T, (64,), generator=gen)
+        noise = torch.randn(x_0.shape, generator=gen)
+        kept = torch.rand(64, generator=gen) >= p_uncond
+        y_in = torch.where(kept, y, torch.full_like(y, -1))
+        x_t = diffusion.q_sample(x_0, t, noise)
+        eps = model(x_t, t, y_in)
+        target = noise + m * (eps - model(x_t, t, torch.full_like(y, -1))).detach()  # no gradient through the target
+        assert (target[~kept] == noise[~kept]).all()  # an unlabelled example's two predictions are the same
+        weight = torch.ones(64) if gamma is None else diffusion.min_snr_weights(gamma)[t]
+        expected = (weight * (eps - target).square().mean((1, 2, 3))).mean()
+        (expected_grad,) = torch.autograd.grad(expected, scale)
+        assert kept.any() and not kept.all()  # both kinds of example are in the batch
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert grad.item() == pytest.approx(expected_grad.item(), rel=1e-4)
+    plain = diffusion.training_loss(model, x_0, y, utils.make_generator(4), p_uncond)
+    assert plain.item() != pytest.approx(loss.item(), rel=1e-3)  # the guided target is not the plain one
+
+
+def test_model_guidance_is_stationary_at_the_guided_optimum():
+    """A 'network' eps = s[y, t] x_t with one number per label and step, on one-pixel data c_y per class:
+    the plain loss is least at s*_y = sqrt(1 - abar) / (abar c_y^2 + 1 - abar) (the regression of eps on
+    x_t), and model guidance m should make it stationary at s*_y + m / (1 - m) (s*_y - s*_none) instead,
+    the guided prediction at w = m / (1 - m), with the unlabelled entry left at s*_none."""
+    T, m, p_uncond, n = 4, 0.5, 0.2, 4_000_000
+    diffusion = utils.Diffusion(T, "linear")
+    abar = diffusion.alphas_cumprod.float()
+    c = torch.tensor([2.0, 0.2])
+    y = torch.arange(n) % 2
+    x_0 = c[y][:, None]
+    optimum = lambda c2: (1 - abar).sqrt() / (abar * c2 + 1 - abar)  # (T,)
+    plain = torch.stack([optimum(c[0] ** 2), optimum(c[1] ** 2), optimum(c.square().mean())])  # labels 0, 1, none
+    guided = plain.clone()
+    guided[:2] = plain[:2] + m / (1 - m) * (plain[:2] - plain[2])
+
+    def gradient(s):
+        s = s.clone().requires_grad_(True)
+        model = lambda x, t, label: s[label.where(label >= 0, 2), t][:, None] * x
+        loss = diffusion.training_loss(model, x_0, y, utils.make_generator(0), p_uncond, model_guidance=m)
+        return torch.autograd.grad(loss, s)[0]
+
+    at_guided, at_plain = gradient(guided), gradient(plain)
+    assert at_plain[:2].abs().max() > 1e-3  # the plain optimum is not where model guidance settles
+    assert at_guided[:2].norm() < 0.1 * at_plain[:2].norm()  # sampling error only (about 0.03 of it)
+    assert at_guided[2].abs().max() < 0.1 * at_plain[:2].abs().max()
 
 
 def test_chunked_sampling_passes_give_the_one_batch_result(monkeypatch):
