@@ -1344,6 +1344,7 @@ DESIGN_RUNS = [
     ("embedding_layers_2_ema_0.9998_seed_1_40_epochs", "2-layer embedding, EMA 0.9998, training seed 1"),
     ("embedding_layers_2_embedding_token_40_epochs", "2-layer embedding, embedding token"),
     ("embedding_layers_2_embedding_token_ema_0.9998_40_epochs", "2-layer embedding, embedding token, EMA 0.9998"),
+    ("model_guidance_0.2_32_epochs", "shipped recipe + model guidance 0.2, 32 epochs"),
 ]
 # The reference of the study's comparisons, shipped while the later runs were made, and the run the
 # study found best, shipped now (checkpoints/mnist_T200.pt is its training repeated with the 0.9998

@@ -300,6 +300,8 @@ DESIGN_RUNS = {  # the design table's rows (by configuration) and the evaluation
         "embedding_layers_2_embedding_token_40_epochs",
     "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, 2-layer embedding, embedding token, EMA 0.9998":
         "embedding_layers_2_embedding_token_ema_0.9998_40_epochs",
+    "scale-shift + Min-SNR 1, lr 2e-3, p_uncond 0.05, 2-layer embedding, EMA 0.9998, model guidance 0.2":
+        "model_guidance_0.2_32_epochs",
 }
 
 
