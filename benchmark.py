@@ -14,9 +14,10 @@ Two-pixel, for T = 5, 10, 25, 50:
     seeds, with their ratio (target <= 1.2) and the share of samples nearest class 1,
   - the share of conditional samples (--label y, w = 0) nearest their own class (target >= 99%),
   - seconds to draw 5000 samples at T = 50 (best of 5; target <= 0.5 s).
-MNIST, side by side in float32 and bfloat16: seconds per training epoch (timed on 100
-batches), seconds to sample the 100-digit grid at T = 200 with guidance (target <= 60 s in
-float32), one guided sampling step run in several ways taking turns (in chunks of several
+MNIST, side by side in float32 and bfloat16: seconds per training epoch of the shipped recipe
+and of the same network on the plain target (timed on 100 batches each), seconds to sample
+the 100-digit grid at T = 200 at the default w and, in float32, with guidance (target <= 60 s
+in float32), one guided sampling step run in several ways taking turns (in chunks of several
 sizes, channels-last, with the attention windows all at once instead of in groups, as a
 frozen TorchScript graph, and with --compile through
 torch.compile), ten inpaintings and ten SDEdits of a test digit, the cost of full attention,
@@ -102,9 +103,9 @@ def machine(device):
             "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
-def seconds_per_batch(config, diffusion, images, labels, batch, precision, device, n=30):
+def seconds_per_batch(config, diffusion, images, labels, batch, precision, device, n=30, model_guidance=0.0):
     """Mean seconds of a training step (forward, backward, Adam, EMA) over n batches of real
-    digits, after two warm-up steps."""
+    digits, after two warm-up steps; with model_guidance, the extra unconditional forward pass too."""
     import mnist_ddpm
     torch.manual_seed(0)
     net = mnist_ddpm.build_unet(config).to(device)
@@ -116,7 +117,7 @@ def seconds_per_batch(config, diffusion, images, labels, batch, precision, devic
             start = time.perf_counter()
         x = mnist_ddpm.to_model(images[i * batch:(i + 1) * batch]).to(device)
         utils.train_step(net, ema, opt, diffusion, x, labels[i * batch:(i + 1) * batch].to(device), gen, 1e-4,
-                         bf16=precision == "bf16")
+                         bf16=precision == "bf16", model_guidance=model_guidance)
     return (time.perf_counter() - start) / n, sum(p.numel() for p in net.parameters())
 
 
@@ -148,26 +149,35 @@ def frozen_graph(module, chunk):
     return functools.partial(mnist_ddpm.in_chunks, graph, chunk)
 
 
+GUIDED_W = 0.25  # the guided grid's w: the default of the model shipped before, which learnt no guidance
+
+
 def mnist(device, checkpoint, try_compile=False):
     import mnist_ddpm
     model, diffusion, ckpt = mnist_ddpm.load_unet(checkpoint, None, device)
     images, labels = mnist_ddpm.load_mnist(mnist_ddpm.DEFAULT_DATA, "train")
     batch = ckpt["train"]["batch_size"]
     epoch = len(images) / batch
-    w = mnist_ddpm.DEFAULT_W or 1.0  # any w other than 0 costs the same: two network passes per step
-    out = {"T": diffusion.T, "w": w, "batch_size": batch, "model_config": ckpt["model_config"]}
-    # 1. training: an epoch of the shipped configuration in both precisions, side by side
+    w = mnist_ddpm.DEFAULT_W
+    guided_w = GUIDED_W  # any w other than 0 costs the same: two network passes per step, not one
+    mg = ckpt["train"].get("model_guidance", 0.0)
+    out = {"T": diffusion.T, "w": w, "guided_w": guided_w, "batch_size": batch, "model_config": ckpt["model_config"],
+           "model_guidance": mg}
+    # 1. training: an epoch of the shipped recipe in both precisions, and of the same network on
+    # the plain target (no model guidance, so no unconditional pass), side by side
     for precision in ("fp32", "bf16"):
-        step, _ = seconds_per_batch(ckpt["model_config"], diffusion, images, labels, batch, precision, device, n=100)
-        out[f"epoch_seconds_{precision}"] = step * epoch
-    # 2. sampling: the 100-digit grid with guidance (200 network passes per step), float32 as
-    # shipped, then in bfloat16 (autocast) for comparison
+        for target, m in (("", mg), ("_plain_target", 0.0)):
+            step, _ = seconds_per_batch(ckpt["model_config"], diffusion, images, labels, batch, precision, device,
+                                        n=100, model_guidance=m)
+            out[f"epoch_seconds_{precision}{target}"] = step * epoch
+    # 2. sampling: the 100-digit grid at the default w, float32 as shipped, then in bfloat16
+    # (autocast) for comparison, and in float32 with guidance (two network passes per step)
     digits = torch.arange(10).repeat_interleave(10)
-    for precision in ("fp32", "bf16"):
+    for name, precision, strength in (("fp32", "fp32", w), ("bf16", "bf16", w), ("guided_fp32", "fp32", guided_w)):
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            mnist_ddpm.draw(model, diffusion, digits, w, 0, device)
-        out[f"grid_seconds_{precision}"] = time.perf_counter() - start
+            mnist_ddpm.draw(model, diffusion, digits, strength, 0, device)
+        out[f"grid_seconds_{name}"] = time.perf_counter() - start
     # one guided step of the grid (200 images), run in several ways, taking turns: chunks of 50
     # (shipped), 100 and 200, channels-last memory, attention windows all at once instead of in
     # groups of mnist_ddpm.ATTENTION_GROUP, a frozen TorchScript graph, torch.compile
@@ -264,10 +274,11 @@ def main():
     if not args.skip_mnist:
         result["mnist"] = mnist(device, args.mnist_checkpoint, args.compile)
         m = result["mnist"]
-        print(f"MNIST training epoch: {m['epoch_seconds_fp32']:.0f} s in fp32, {m['epoch_seconds_bf16']:.0f} s in bf16 "
-              f"(auto picks {result['machine']['auto_precision']})")
+        print(f"MNIST training epoch (model guidance {m['model_guidance']:g}): {m['epoch_seconds_fp32']:.0f} s in fp32, "
+              f"{m['epoch_seconds_bf16']:.0f} s in bf16 (auto picks {result['machine']['auto_precision']}); on the "
+              f"plain target {m['epoch_seconds_fp32_plain_target']:.0f} s and {m['epoch_seconds_bf16_plain_target']:.0f} s")
         print(f"MNIST 100-digit grid, T={m['T']}, w={m['w']:g}: {m['grid_seconds_fp32']:.1f} s in fp32, "
-              f"{m['grid_seconds_bf16']:.1f} s in bf16")
+              f"{m['grid_seconds_bf16']:.1f} s in bf16; at w={m['guided_w']:g}: {m['grid_seconds_guided_fp32']:.1f} s in fp32")
         print("one guided step of 200 images, median of turns taken: "
               + ", ".join(f"{v:.3f} s {k}" for k, v in m["guided_step_seconds"].items())
               + (f"; compiling took {m['compile_seconds']:.0f} s" if "compile_seconds" in m else ""))

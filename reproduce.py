@@ -47,7 +47,7 @@ FIGURES = [
 REPORT = ("figures/report.pdf", ["visualize.py", "--task", "report"])
 
 # --from-scratch only: the models, then the measurements the figures above redraw
-EVALUATED_WS = ["0", "0.1", "0.2", "0.25", "0.3"]
+EVALUATED_WS = ["-0.2", "0", "0.25"]
 EVALUATION = [(f"figures/mnist_eval{suffix}.json",  # (what it writes, command)
                ["mnist_ddpm.py", "evaluate", "--ws", *EVALUATED_WS, "--seed", seed, "--out", f"figures/mnist_eval{suffix}.json"])
               for seed, suffix in (("0", ""), ("1", "_seed1"))]

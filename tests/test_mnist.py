@@ -119,7 +119,7 @@ def test_training_lowers_the_loss_and_records_metadata(tiny_ckpt):
     for key in ("epochs_done", "seconds", "final_loss", "seed"):
         assert key in ckpt["train"]
     assert ckpt["train"]["min_snr"] == 1.0  # the shipped recipe's weighting is the default
-    assert ckpt["train"]["min_snr_mode"] == "weight" and ckpt["train"]["model_guidance"] == 0.0
+    assert ckpt["train"]["min_snr_mode"] == "weight" and ckpt["train"]["model_guidance"] == 0.2  # shipped recipe
 
 
 def test_the_shipped_checkpoint_is_what_the_default_train_command_makes(root):
@@ -375,10 +375,14 @@ def test_bad_checkpoints_and_data(root, run_here, tiny_ckpt, small_data, tmp_pat
         assert not (tmp_path / "m.pt").exists()
 
 
-def test_ctrl_c_keeps_finished_epochs_and_resume_ends_like_an_uninterrupted_run(root, small_data, tmp_path):
+@pytest.mark.parametrize("old_format", [True, False])
+def test_ctrl_c_keeps_finished_epochs_and_resume_ends_like_an_uninterrupted_run(root, small_data, tmp_path, old_format):
+    # old_format: the resume file is rewritten as one from before --embedding-layers and --model-guidance
+    # existed (one layer, the plain target, neither recorded); otherwise the shipped recipe's model guidance
     settings = [*TINY_MODEL, "--epochs", "30", "--limit", "64", "--data", str(small_data), "--extra-ema", "0.9",
-                "--dropout", "0.1",  # dropout's masks come from the global generator, which must resume too
-                "--embedding-layers", "1"]  # (what a resume file from before the flag existed was made with)
+                "--dropout", "0.1"]  # dropout's masks come from the global generator, which must resume too
+    if old_format:
+        settings += ["--embedding-layers", "1", "--model-guidance", "0"]
     full, cut = tmp_path / "full.pt", tmp_path / "cut.pt"
     assert run("train", *settings, "--out", full).returncode == 0
     proc = subprocess.Popen([sys.executable, os.path.join(root, "mnist_ddpm.py"), "train", *settings, "--out", str(cut)],
@@ -393,11 +397,12 @@ def test_ctrl_c_keeps_finished_epochs_and_resume_ends_like_an_uninterrupted_run(
     assert torch.load(str(cut) + ".resume.pt", weights_only=True)["epoch"] == done and 1 <= done < 30
     r = run("train", *settings, "--out", cut, "--resume", "--lr", "0.01")
     assert r.returncode == 2 and "lr 0.002 there, 0.01 here" in r.stderr  # refused, not mixed in, and named
-    resume = str(cut) + ".resume.pt"  # as written before --embedding-layers existed: one layer, not recorded
-    state = torch.load(resume, weights_only=True)
-    del state["model_config"]["embed_layers"]
-    del state["run"]["model_guidance"]  # nor --model-guidance (off then)
-    torch.save(state, resume)
+    resume = str(cut) + ".resume.pt"
+    if old_format:  # as written before --embedding-layers and --model-guidance existed: neither recorded
+        state = torch.load(resume, weights_only=True)
+        del state["model_config"]["embed_layers"]
+        del state["run"]["model_guidance"]
+        torch.save(state, resume)
     r = run("train", *settings, "--out", cut, "--resume")
     assert r.returncode == 0, r.stderr
     a, b = torch.load(full, weights_only=True), torch.load(cut, weights_only=True)
