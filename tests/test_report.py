@@ -583,10 +583,10 @@ def test_the_second_training_of_the_two_layer_embedding_is_reported_from_its_eva
 
 def test_the_two_more_seeds_paragraph_reports_their_evaluations(root):
     # the default w at seeds 2 and 3, beside w = 0.2 and the reference model at its default
+    import mnist_ddpm
     text = flowing(root, "REPORT.md")
     para = text[text.index("**Two more seeds.**"):]
     para = para[:para.index("**", len("**Two more seeds.**"))]
-    import mnist_ddpm
     for name, w in ((mnist_ddpm.SHIPPED_RUN, 0.0), ("shipped_guided", 0.25), ("shipped_guided", 0.2),
                     ("reference_w_0.3", 0.3)):
         (a2, f2), (a3, f3) = printed_scores(os.path.join(root, "figures", "mnist_study"), name, (2, 3), w)
@@ -626,7 +626,8 @@ def test_the_plain_target_model_at_eight_seeds_is_reported_from_its_evaluations(
     error = 100 * math.sqrt(float(share) / 100 * (1 - float(share) / 100) / 8000)
     assert f"Over all eight seeds it reads {share}% (one standard error {error:.2f} points)" in text
     assert f"seeds 4 to 7 alone read {as_asked(later)}%" in text
-    assert all(ev["model"] == plain_target_model(root) for ev, _ in later)  # that model itself
+    model = plain_target_model(root)
+    assert all(ev["model"] == model for ev, _ in later)  # that model itself
     # the target at a seed: one point below the classifier's share of the real test digits drawn there
     met = [seed for seed, (ev, e) in enumerate(every)
            if round(1000 * e["accuracy"]) >= round(1000 * ev["real_test_accuracy"]) - 10]
@@ -663,12 +664,12 @@ def test_the_clip_sentences_report_their_evaluations(root):
 def test_the_sampler_step_sentence_reports_its_evaluations(root):
     # the plain-target model without guidance, strided DDPM over 100 and 50 of its 200 steps
     text = flowing(root, "REPORT.md")
-    shares, entries = {}, {}
+    shares, entries, model = {}, {}, plain_target_model(root)
     for steps in (100, 50, 200):
         stem = PLAIN_TARGET_EVAL if steps == 200 else f"shipped_ddpm_{steps}_steps"
         entries[steps] = scored_entries(os.path.join(root, "figures", "mnist_study"), stem, steps=steps)
         for seed, (ev, e) in enumerate(entries[steps]):
-            assert ev["model"] == plain_target_model(root) and matching(ev, 0.0, steps) == [e]  # that one run
+            assert ev["model"] == model and matching(ev, 0.0, steps) == [e]  # that one run
             shares[steps, seed] = f"{100 * e['accuracy']:.1f}%"
     assert (f"over 100 and over 50 of its 200 steps reads {shares[100, 0]} and {shares[100, 1]}, and "
             f"{shares[50, 0]} and {shares[50, 1]} as asked (seeds 0 and 1; "
